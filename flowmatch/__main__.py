@@ -1,0 +1,5 @@
+import sys
+
+from flowmatch.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+"""Pictures of samples: 2-D scatter panels rendered to an RGB array (for MLflow images and PNG files)."""
+
+import io
+
+import numpy as np
+
+
+def scatter_figure(panels: list[tuple[str, np.ndarray]], lim: float = 4.5) -> np.ndarray:
+    """Side-by-side 2-D scatter plots rendered to an RGB uint8 array (first two coordinates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, pts) in zip(axes[0], panels):
+        ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, linewidths=0)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))

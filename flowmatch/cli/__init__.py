@@ -1,0 +1,1 @@
+"""Command line: `python -m flowmatch {fit,validate,test,predict,sample}`."""

@@ -1,0 +1,59 @@
+"""Entry point: dispatches the platform's own commands and hands the rest to LightningCLI."""
+
+import os
+import sys
+
+USAGE = """usage: python -m flowmatch COMMAND [options]
+
+Train and compare flow-matching generators (flow matching, rectified flow, eps-DDPM).
+
+commands:
+  fit        train a model            python -m flowmatch fit --config experiments/toy2d_rf.yaml
+  validate   SD3 validation loss (+ sample metrics) of a checkpoint: --config ... --ckpt_path CKPT
+  test       the same on the test split
+  predict    Lightning's predict loop
+  sample     draw samples from a checkpoint: --ckpt CKPT --steps 8 --solver euler --out samples/
+
+`python -m flowmatch COMMAND --help` explains each command's options;
+`python -m flowmatch fit --config X.yaml --print_config` shows the fully resolved config.
+Runs are tracked in MLflow (default store sqlite:///mlflow.db): mlflow ui --backend-store-uri sqlite:///mlflow.db
+"""
+
+LIGHTNING_COMMANDS = {"fit", "validate", "test", "predict"}
+
+
+def _quiet_known_warnings() -> None:
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # emitted by Lightning's own calls
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Filesystem tracking backend.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    _quiet_known_warnings()
+    command, rest = argv[0], argv[1:]
+    if command == "sample":
+        from flowmatch.cli.sample import main as sample_main
+
+        return sample_main(rest)
+    if command in LIGHTNING_COMMANDS:
+        from flowmatch.cli.lightning_cli import FlowCLI
+        from flowmatch.objectives.base import NonFiniteLossError
+
+        try:
+            FlowCLI(args=argv)
+        except NonFiniteLossError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
+    print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Building blocks shared by the transformer backbones (DiT, MM-DiT, CrossDiT).
+
+Patch embedding and its inverse, the fixed 2-D sin-cos position table (centre-cropped to the latent
+grid, as SD3 does), adaLN modulation, the MLP, RMSNorm for QK-normalisation, attention through
+``torch.nn.functional.scaled_dot_product_attention``, the timestep / vector embedders, and the
+conditioning dropout used for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowmatch.networks.embeddings import timestep_embedding
+
+
+def num_params(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``module`` (buffers such as position tables are not counted)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of tokens x (B, N, D) by per-sample shift and scale (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """dtype of a module's first parameter (inputs are cast to it so bf16-weight models accept fp32 data)."""
+    return next(module.parameters()).dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Patches and positions
+# --------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches of a (B, C, H, W) latent -> tokens (B, H/p * W/p, D), row-major."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        if z.shape[-2] % p or z.shape[-1] % p:
+            raise ValueError(f"latent height/width {tuple(z.shape[-2:])} must be divisible by patch_size {p}")
+        return self.proj(z).flatten(2).transpose(1, 2)
+
+    def reset_parameters(self) -> None:
+        """DiT init: xavier-uniform on the kernel seen as a (D, C*p*p) matrix, zero bias."""
+        w = self.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.proj.bias)
+
+
+def unpatchify(x: torch.Tensor, height: int, width: int, patch_size: int, channels: int) -> torch.Tensor:
+    """Tokens (B, h*w, p*p*C) with features ordered (p_row, p_col, C) -> image (B, C, h*p, w*p)."""
+    b, p = x.shape[0], patch_size
+    x = x.reshape(b, height, width, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(b, channels, height * p, width * p)
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """[sin, cos] of positions ``pos`` (M,) at dim/2 geometric frequencies; float64, (M, dim)."""
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = torch.outer(pos.reshape(-1).double(), omega)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int, base_size: int | None = None) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table for a ``grid_size`` x ``grid_size`` grid, float32 (grid_size**2, dim).
+
+    Row ``i * grid_size + j`` is the token in row i, column j. The first dim/2 channels encode the
+    column, the last dim/2 the row (the MAE / DiT / diffusers convention). Positions are
+    ``arange(grid_size) * base_size / grid_size`` as in diffusers' ``get_2d_sincos_pos_embed``
+    (``base_size`` = None means ``grid_size``, i.e. integer positions as in DiT); SD3 checkpoints use
+    base_size = sample_size // patch_size with grid_size = pos_embed_max_size.
+    """
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos position table")
+    base = grid_size if base_size is None else base_size
+    coords = torch.arange(grid_size, dtype=torch.float32) / (grid_size / base)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    emb = torch.cat([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], dim=1)
+    return emb.float()
+
+
+class SinCosPosEmbed2D(nn.Module):
+    """A fixed max_size x max_size sin-cos table, centre-cropped to each input's token grid (SD3 style).
+
+    The table is a non-persistent buffer: it is rebuilt from the constructor arguments, never saved.
+    """
+
+    def __init__(self, hidden_size: int, max_size: int, base_size: int | None = None):
+        super().__init__()
+        self.hidden_size, self.max_size, self.base_size = hidden_size, max_size, base_size
+        self.register_buffer("table", self.build_table(), persistent=False)
+
+    def build_table(self) -> torch.Tensor:
+        """The (max_size**2, hidden) float32 table (also used to rebuild it after meta-device construction)."""
+        return sincos_pos_embed_2d(self.hidden_size, self.max_size, self.base_size)
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        """Positions for a height x width token grid: the centre crop of the table, (1, height*width, D)."""
+        m = self.max_size
+        if height > m or width > m:
+            raise ValueError(f"token grid {height}x{width} exceeds the position table ({m}x{m}); raise pos_embed_max_size / input_size")
+        top, left = (m - height) // 2, (m - width) // 2
+        table = self.table.reshape(m, m, -1)[top : top + height, left : left + width]
+        return table.reshape(1, height * width, -1)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation, MLP, attention
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension with a learnable scale (QK-norm per head; computed in float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(x.dtype)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU(tanh) -> Linear, biases included."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, S, H*Dh) -> (B, H, S, Dh)."""
+    b, s, _ = x.shape
+    return x.view(b, s, num_heads, -1).transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention of (B, H, S, Dh) heads; returns merged heads (B, S_q, H*Dh).
+
+    ``key_mask``: optional bool (B, S_k), True = the key may be attended to. Every row must keep at
+    least one key (callers guarantee it).
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    b, h, s, d = out.shape
+    return out.transpose(1, 2).reshape(b, s, h * d)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: fused qkv projection, optional per-head QK RMSNorm, output projection."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.proj(attention(self.q_norm(q), self.k_norm(k), v, key_mask))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from tokens x (queries) to a context sequence (keys/values), same width."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = split_heads(self.q(x), self.num_heads)
+        k, v = (split_heads(t, self.num_heads) for t in self.kv(context).chunk(2, dim=-1))
+        return self.proj(attention(self.q_norm(q), self.k_norm(k), v, key_mask))
+
+
+# --------------------------------------------------------------------------------------------
+# Conditioning embedders
+# --------------------------------------------------------------------------------------------
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> 256-d sinusoid of 1000 t (float32, cos first) -> Linear, SiLU, Linear."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(t, self.frequency_dim)  # float32 even under autocast
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class VectorEmbedder(nn.Module):
+    """A conditioning vector (e.g. pooled text embedding) -> Linear, SiLU, Linear."""
+
+    def __init__(self, in_dim: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.mlp(y)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors; index ``num_classes`` is the null class used for guidance (DiT's LabelEmbedder).
+
+    In training mode each label is replaced by the null class with probability ``drop_prob``.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, drop_prob: float):
+        super().__init__()
+        self.num_classes, self.drop_prob = num_classes, drop_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def drop(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels with classifier-free-guidance dropout applied (only in training mode)."""
+        if self.training and self.drop_prob > 0:
+            dropped = torch.rand(labels.shape[0], device=labels.device) < self.drop_prob
+            labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+        return labels
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if labels.dtype.is_floating_point or labels.dim() != 1:
+            raise ValueError(f"class labels must be an integer tensor of shape (batch,), got {labels.dtype} {tuple(labels.shape)}")
+        return self.embedding_table(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Conditioning dropout (classifier-free guidance)
+# --------------------------------------------------------------------------------------------
+
+
+class ConditionDropout(nn.Module):
+    """The null value of one conditioning input, and the training-time dropout that swaps it in.
+
+    The input has feature size ``dim`` in its last axis (a pooled vector (B, dim) or a token stream
+    (B, L, dim)). The null is zeros (SD3 practice) or, with ``learned=True``, a learned vector of
+    size ``dim`` (initialised at zero) broadcast over all leading axes. Each sample of the batch is
+    replaced by the null independently with probability ``prob``, in training mode only.
+    """
+
+    def __init__(self, dim: int, prob: float, learned: bool = False):
+        super().__init__()
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must lie in [0, 1], got {prob}")
+        self.prob = prob
+        self.null_value = nn.Parameter(torch.zeros(dim)) if learned else None
+
+    def null_like(self, x: torch.Tensor) -> torch.Tensor:
+        """The null input with the shape and dtype of ``x``."""
+        if self.null_value is None:
+            return torch.zeros_like(x)
+        return self.null_value.to(x.dtype).expand_as(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (x with dropped samples replaced by the null, bool (B,) dropped mask or None)."""
+        if not (self.training and self.prob > 0):
+            return x, None
+        dropped = torch.rand(x.shape[0], device=x.device) < self.prob
+        keep = (~dropped).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(keep, x, self.null_like(x)), dropped
+
+
+def drop_tokens(
+    dropout: ConditionDropout, tokens: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Conditioning dropout of a token stream; a dropped sample's mask becomes all True (all null tokens visible)."""
+    tokens, dropped = dropout(tokens)
+    if mask is not None and dropped is not None:
+        mask = mask | dropped[:, None]
+    return tokens, mask
+
+
+def check_mask(mask: torch.Tensor | None, tokens: torch.Tensor, key: str, fix_empty_rows: bool = True) -> torch.Tensor | None:
+    """Validate a bool (B, L) token mask (True = real token).
+
+    With ``fix_empty_rows`` a row with no real token is made all True, so that an attention whose
+    only keys are these tokens (cross-attention) never sees an empty softmax (NaN).
+    """
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.shape != tokens.shape[:2]:
+        raise ValueError(f"cond['{key}'] must be a bool tensor of shape {tuple(tokens.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+    return mask | ~mask.any(dim=1, keepdim=True) if fix_empty_rows else mask
+
+
+def require_keys(cond: object, keys: tuple[str, ...], network: str) -> dict:
+    """Check that cond is a dict holding ``keys``; a clear error names what is missing."""
+    if not isinstance(cond, dict):
+        raise TypeError(f"{network} expects cond as a dict with keys {list(keys)}, got {type(cond).__name__}")
+    missing = [k for k in keys if k not in cond]
+    if missing:
+        raise KeyError(f"{network}: cond is missing key(s) {missing} (it has {sorted(cond)})")
+    return cond
+
+
+def init_linears_xavier(module: nn.Module) -> None:
+    """DiT's basic init: xavier-uniform weights and zero biases for every nn.Linear inside ``module``."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def zero_init(linear: nn.Linear) -> None:
+    """Zero a linear layer's weight and bias (adaLN-Zero modulation and final projections)."""
+    nn.init.zeros_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) -> adaLN (shift, scale) from c -> Linear to p*p*out_channels per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+    def reset_parameters(self) -> None:
+        """Zero modulation and zero projection: the network's output starts at exactly 0."""
+        zero_init(self.adaLN_modulation[-1])
+        zero_init(self.linear)

@@ -1,0 +1,323 @@
+"""MM-DiT: the multimodal diffusion transformer of Stable Diffusion 3 (Esser et al. 2024).
+
+    z (B, C, H, W) --patchify 2--> image tokens + centre crop of a fixed pos_embed_max_size^2 sin-cos table
+    c   = MLP(sinusoid_256(1000 t), cos first) + MLP(pooled text vector)
+    ctx = Linear(text tokens)                          (one context embedder per token stream)
+    N x MMDiTBlock: every stream (text ..., image) has its own weights: adaLN (6 chunks from c), qkv,
+        optional per-head QK RMSNorm, output projection, MLP; attention is JOINT over the concatenation
+        [text tokens, (text tokens 2,) image tokens]. In the last block the text streams are "pre-only":
+        adaLN with (shift, scale) only, k and v only; their outputs are never used.
+    LN -> adaLN (shift, scale) -> Linear(p*p*C) -> unpatchify
+
+Defaults follow the paper: hidden = 64 * depth, heads = depth (head dim 64), MLP ratio 4 with
+GELU(tanh), biases everywhere, patch 2. ``context_dim_2`` turns on the "3 sets" variant: a second
+token stream (e.g. T5 when ``tokens`` holds CLIP) with its own weights in every block.
+
+Conditioning dict (``cond``):
+    "pooled":   float (B, pooled_dim)         pooled text vector (CLIP-L + CLIP-G in SD3)
+    "tokens":   float (B, L, context_dim)     text token sequence
+    "mask":     bool (B, L), optional         True = real token; False keys are ignored by attention
+    "tokens_2": float (B, L2, context_dim_2)  second token stream (3-sets variant only)
+    "mask_2":   bool (B, L2), optional        its mask
+Diffusers' SD3 uses no mask; imported models match diffusers when no mask is given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from flowmatch.networks.layers import (
+    ConditionDropout,
+    FinalLayer,
+    Mlp,
+    PatchEmbed,
+    RMSNorm,
+    SinCosPosEmbed2D,
+    TimestepEmbedder,
+    VectorEmbedder,
+    attention,
+    check_mask,
+    drop_tokens,
+    init_linears_xavier,
+    modulate,
+    num_params,
+    param_dtype,
+    require_keys,
+    split_heads,
+    unpatchify,
+    zero_init,
+)
+
+
+class MMDiTStream(nn.Module):
+    """One modality's weight set inside an MM-DiT block (image tokens or one text token stream).
+
+    ``pre_only``: the stream only contributes keys and values to the joint attention (the text
+    streams of the last block): adaLN gives (shift, scale) only, and there is no output projection,
+    no MLP and no query.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, pre_only: bool = False):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.pre_only = num_heads, pre_only
+        head_dim = hidden_size // num_heads
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (2 if pre_only else 6) * hidden_size))
+        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        if pre_only:
+            self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        else:
+            self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+            self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+            self.proj = nn.Linear(hidden_size, hidden_size)
+            self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
+        """Modulated LN of x -> (q or None, k, v) as (B, H, S, Dh), plus the gates/shifts for post_attention."""
+        if self.pre_only:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+            k, v = self.kv(modulate(self.norm1(x), shift, scale)).chunk(2, dim=-1)
+            return None, self.k_norm(split_heads(k, self.num_heads)), split_heads(v, self.num_heads), None
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(modulate(self.norm1(x), shift_msa, scale_msa)).chunk(3, dim=-1))
+        return self.q_norm(q), self.k_norm(k), v, (gate_msa, shift_mlp, scale_mlp, gate_mlp)
+
+    def post_attention(self, x: torch.Tensor, attn_out: torch.Tensor, state) -> torch.Tensor:
+        """Gated residual of the projected attention output, then the gated modulated MLP."""
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = state
+        x = x + gate_msa.unsqueeze(1) * self.proj(attn_out)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class MMDiTBlock(nn.Module):
+    """Joint attention over [text streams..., image] with a separate weight set per stream."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+                 num_text_streams: int = 1, text_pre_only: bool = False):
+        super().__init__()
+        self.text_pre_only = text_pre_only
+        self.text = nn.ModuleList(
+            MMDiTStream(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=text_pre_only) for _ in range(num_text_streams)
+        )
+        self.image = MMDiTStream(hidden_size, num_heads, mlp_ratio, qk_norm)
+
+    def forward(self, x: torch.Tensor, contexts: list[torch.Tensor], c: torch.Tensor, key_mask: torch.Tensor | None = None):
+        """x: image tokens (B, N, D); contexts: text token streams [(B, L_i, D)]; key_mask: bool (B, sum L_i + N) or None.
+
+        Returns (x, contexts); contexts is None after a pre-only block.
+        """
+        text = [stream.pre_attention(ctx, c) for stream, ctx in zip(self.text, contexts)]
+        q_img, k_img, v_img, state_img = self.image.pre_attention(x, c)
+        k = torch.cat([s[1] for s in text] + [k_img], dim=2)
+        v = torch.cat([s[2] for s in text] + [v_img], dim=2)
+        if self.text_pre_only:  # only the image tokens ask queries
+            out_img = attention(q_img, k, v, key_mask)
+            return self.image.post_attention(x, out_img, state_img), None
+        q = torch.cat([s[0] for s in text] + [q_img], dim=2)
+        out = attention(q, k, v, key_mask)
+        lengths = [ctx.shape[1] for ctx in contexts] + [x.shape[1]]
+        *out_text, out_img = out.split(lengths, dim=1)
+        contexts = [stream.post_attention(ctx, o, s[3]) for stream, ctx, o, s in zip(self.text, contexts, out_text, text)]
+        return self.image.post_attention(x, out_img, state_img), contexts
+
+
+class MMDiT(nn.Module):
+    """SD3's MM-DiT, called as ``net(z, t, cond)`` with ``cond`` the dict described in this module's docstring."""
+
+    def __init__(
+        self,
+        depth: int = 4,
+        hidden_size: int | None = None,
+        num_heads: int | None = None,
+        in_channels: int = 16,
+        out_channels: int | None = None,
+        patch_size: int = 2,
+        pooled_dim: int = 2048,
+        context_dim: int = 4096,
+        context_dim_2: int | None = None,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        pos_embed_max_size: int = 96,
+        pos_embed_base_size: int | None = None,
+        cond_drop_prob: float = 0.463,
+        learned_null: bool = False,
+        gradient_checkpointing: bool = False,
+    ):
+        """
+        Args:
+            depth: number of MM-DiT blocks (SD3: 15 .. 38; 24 ~ 2B parameters, 38 ~ 8B).
+            hidden_size: token width; None means 64 * depth.
+            num_heads: attention heads; None means depth (head dim 64 with the default width).
+            in_channels: latent channels C of z (SD3: 16).
+            out_channels: output channels; None means in_channels.
+            patch_size: patch side in latent pixels (SD3: 2).
+            pooled_dim: size of cond["pooled"] (SD3: 2048 = CLIP-L + CLIP-G pooled).
+            context_dim: channels of cond["tokens"] (SD3: 4096).
+            context_dim_2: channels of cond["tokens_2"]; set it for the "3 sets" variant (a second token stream with its own weights), None for the standard 2-set model.
+            mlp_ratio: MLP hidden width / token width.
+            qk_norm: RMSNorm (learnable scale, eps 1e-6) on queries and keys per head in every stream.
+            pos_embed_max_size: side of the fixed sin-cos position table in tokens; latents are centre-cropped from it (SD3: 192).
+            pos_embed_base_size: positions are arange(max) * base / max (diffusers' base_size = sample_size // patch_size); None means integer positions.
+            cond_drop_prob: probability of replacing each text input (pooled, each token stream) by its null in training, independently (SD3: 0.463).
+            learned_null: learn the null inputs instead of using zeros (SD3 uses zeros).
+            gradient_checkpointing: recompute block activations in the backward pass to save memory.
+        """
+        super().__init__()
+        hidden_size = hidden_size or 64 * depth
+        num_heads = num_heads or depth
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.depth, self.hidden_size, self.num_heads, self.patch_size = depth, hidden_size, num_heads, patch_size
+        self.in_channels, self.out_channels = in_channels, out_channels or in_channels
+        self.pooled_dim, self.context_dim, self.context_dim_2 = pooled_dim, context_dim, context_dim_2
+        self.qk_norm = qk_norm
+        self.gradient_checkpointing = gradient_checkpointing
+        self.token_keys = ("tokens",) if context_dim_2 is None else ("tokens", "tokens_2")
+        self.mask_keys = ("mask",) if context_dim_2 is None else ("mask", "mask_2")
+        context_dims = (context_dim,) if context_dim_2 is None else (context_dim, context_dim_2)
+
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
+        self.pos_embed = SinCosPosEmbed2D(hidden_size, pos_embed_max_size, pos_embed_base_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = VectorEmbedder(pooled_dim, hidden_size)
+        self.context_embedders = nn.ModuleList(nn.Linear(d, hidden_size) for d in context_dims)
+        self.pooled_dropout = ConditionDropout(pooled_dim, cond_drop_prob, learned_null)
+        self.tokens_dropout = nn.ModuleList(ConditionDropout(d, cond_drop_prob, learned_null) for d in context_dims)
+        self.blocks = nn.ModuleList(
+            MMDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, len(context_dims), text_pre_only=(i == depth - 1))
+            for i in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """xavier linears, N(0, 0.02) timestep MLP, zero adaLN modulation and final layer (blocks start as identity)."""
+        init_linears_xavier(self)
+        self.x_embedder.reset_parameters()
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            for stream in [*block.text, block.image]:
+                zero_init(stream.adaLN_modulation[-1])
+        self.final_layer.reset_parameters()
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Number of parameters (the fixed position table is a buffer and not counted)."""
+        return num_params(self, trainable_only)
+
+    # ---- conditioning -------------------------------------------------------------------
+    def _check_cond(self, cond: object) -> dict:
+        return require_keys(cond, ("pooled", *self.token_keys), type(self).__name__)
+
+    def null_condition(self, cond: dict) -> dict:
+        """The unconditional counterpart of cond: null pooled vector and null tokens (same shapes), masks all True."""
+        cond = self._check_cond(cond)
+        out = dict(cond)
+        out["pooled"] = self.pooled_dropout.null_like(cond["pooled"])
+        for key, mask_key, dropout in zip(self.token_keys, self.mask_keys, self.tokens_dropout):
+            out[key] = dropout.null_like(cond[key])
+            if cond.get(mask_key) is not None:
+                out[mask_key] = torch.ones_like(cond[mask_key])
+        return out
+
+    def drop_condition(self, cond: dict) -> dict:
+        """Classifier-free-guidance dropout in training mode: the pooled vector and each token stream are
+        independently replaced by their nulls with probability cond_drop_prob (a dropped stream's mask
+        becomes all True). Identity in eval mode."""
+        cond = self._check_cond(cond)
+        out = dict(cond)
+        out["pooled"] = self.pooled_dropout(cond["pooled"])[0]
+        for key, mask_key, dropout in zip(self.token_keys, self.mask_keys, self.tokens_dropout):
+            out[key], mask = drop_tokens(dropout, cond[key], cond.get(mask_key))
+            if mask is not None:
+                out[mask_key] = mask
+        return out
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        """Velocity / noise prediction for latents z (B, C, H, W) at times t (B,); output shaped like z."""
+        cond = self.drop_condition(cond)
+        b, _, height, width = z.shape
+        h, w = height // self.patch_size, width // self.patch_size
+        dtype = param_dtype(self)
+
+        x = self.x_embedder(z.to(dtype))
+        x = x + self.pos_embed(h, w).to(x.dtype)
+        pooled = cond["pooled"]
+        if pooled.shape != (b, self.pooled_dim):
+            raise ValueError(f"cond['pooled'] must have shape ({b}, {self.pooled_dim}), got {tuple(pooled.shape)}")
+        c = self.t_embedder(t) + self.y_embedder(pooled.to(dtype))
+
+        contexts, masks = [], []
+        for key, mask_key, embedder in zip(self.token_keys, self.mask_keys, self.context_embedders):
+            tokens = cond[key]
+            if tokens.dim() != 3 or tokens.shape[0] != b or tokens.shape[2] != embedder.in_features:
+                raise ValueError(f"cond['{key}'] must have shape ({b}, L, {embedder.in_features}), got {tuple(tokens.shape)}")
+            contexts.append(embedder(tokens.to(dtype)))
+            masks.append(check_mask(cond.get(mask_key), tokens, mask_key, fix_empty_rows=False))  # image keys always remain
+        key_mask = None
+        if any(m is not None for m in masks):
+            ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=x.device)  # noqa: E731
+            key_mask = torch.cat([m if m is not None else ones(ctx.shape[1]) for m, ctx in zip(masks, contexts)] + [ones(x.shape[1])], dim=1)
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, contexts = checkpoint(block, x, contexts, c, key_mask, use_reentrant=False)
+            else:
+                x, contexts = block(x, contexts, c, key_mask)
+        x = self.final_layer(x, c)
+        return unpatchify(x, h, w, self.patch_size, self.out_channels).to(z.dtype)
+
+
+def mmdit_param_count(
+    depth: int,
+    hidden_size: int | None = None,
+    num_heads: int | None = None,
+    in_channels: int = 16,
+    out_channels: int | None = None,
+    patch_size: int = 2,
+    pooled_dim: int = 2048,
+    context_dim: int = 4096,
+    context_dim_2: int | None = None,
+    mlp_ratio: float = 4.0,
+    qk_norm: bool = False,
+    learned_null: bool = False,
+    frequency_dim: int = 256,
+) -> int:
+    """Parameter count of ``MMDiT(depth, ...)`` computed analytically (nothing is allocated).
+
+    Same arguments and defaults as MMDiT. A diffusers / reference SD3 checkpoint holds, in addition,
+    the unused text query of the last block: ``sd3_unused_query_params(hidden, heads, qk_norm)``
+    per text stream.
+    """
+    d = hidden_size or 64 * depth
+    heads = num_heads or depth
+    head_dim = d // heads
+    p = patch_size
+    out = (out_channels or in_channels) * p * p
+    m = int(d * mlp_ratio)
+    qkn = head_dim if qk_norm else 0
+    full_stream = (d * 6 * d + 6 * d) + (d * 3 * d + 3 * d) + 2 * qkn + (d * d + d) + (d * m + m + m * d + d)
+    pre_only_stream = (d * 2 * d + 2 * d) + (d * 2 * d + 2 * d) + qkn
+    contexts = [context_dim] if context_dim_2 is None else [context_dim, context_dim_2]
+    n_text = len(contexts)
+    total = depth * full_stream  # image stream of every block
+    total += (depth - 1) * n_text * full_stream + n_text * pre_only_stream  # text streams
+    total += in_channels * p * p * d + d  # patch embedding
+    total += frequency_dim * d + d + d * d + d  # timestep MLP
+    total += pooled_dim * d + d + d * d + d  # pooled-vector MLP
+    total += sum(k * d + d for k in contexts)  # context embedders
+    total += (d * 2 * d + 2 * d) + (d * out + out)  # final layer
+    if learned_null:
+        total += pooled_dim + sum(contexts)
+    return total
+
+
+def sd3_unused_query_params(hidden_size: int, num_heads: int, qk_norm: bool = False) -> int:
+    """Parameters a diffusers SD3 checkpoint stores for the last block's (discarded) text query, per text stream."""
+    return hidden_size * hidden_size + hidden_size + (hidden_size // num_heads if qk_norm else 0)

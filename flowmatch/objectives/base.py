@@ -1,0 +1,211 @@
+"""The shared LightningModule: one training loop, SD3's validation loss, and generation for every objective.
+
+An objective is a (path, parametrisation) pair plus a time sampler and a loss weighting; the
+subclasses in this package only choose those pieces. The network is any plain nn.Module called
+as ``net(z, t, cond)`` (see flowmatch.networks).
+"""
+
+import math
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from flowmatch.parametrisation import Parametrisation
+from flowmatch.paths.base import AffinePath, expand_like
+from flowmatch.sampling import SamplerConfig, sample
+from flowmatch.time_samplers import TimeSampler, UniformTime
+from flowmatch.weighting import Weighting, get_weighting
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised (before any weight update) when the training loss is NaN or infinite."""
+
+
+class FlowObjective(L.LightningModule):
+    """Base class of all objectives. Subclasses set ``self.path`` and ``self.parametrisation``.
+
+    Args:
+        network: the velocity / noise network, called as ``network(z, t, cond)``.
+        time_sampler: density of training times t (uniform, logit-normal, mode, cosmap).
+        weighting: loss weighting w_t by name ("native" = plain MSE of the prediction; "eps",
+            "velocity", "rf", "v": see flowmatch.weighting).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none).
+        sample_shape: shape of one data sample, e.g. [2] or [16, 8, 8]; linked from the data module.
+        val_levels: number of equally spaced validation times t = k / val_levels, k = 1..val_levels
+            (SD3 §5.3.3 uses 8); val/loss averages all but t = 1.
+        val_seed: seed of the fixed validation noise.
+    """
+
+    path: AffinePath
+    parametrisation: Parametrisation
+
+    def __init__(
+        self,
+        network: nn.Module,
+        time_sampler: TimeSampler | None = None,
+        weighting: str = "native",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        sample_shape: list[int] | None = None,
+        val_levels: int = 8,
+        val_seed: int = 0,
+    ):
+        super().__init__()
+        # Built by the CLI, the hyper-parameters are the config itself (class_path / init_args), which
+        # lets load_from_checkpoint rebuild network and sampler; built in Python, they are objects.
+        from_config = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=[] if from_config else ["network", "time_sampler"])
+        self.net = network
+        self.time_sampler = time_sampler if time_sampler is not None else UniformTime()
+        self.weighting: Weighting = get_weighting(weighting)
+        if val_levels < 2:
+            raise ValueError(f"val_levels must be >= 2 (t = 1 is excluded from the average), got {val_levels}")
+        self.val_times = [k / val_levels for k in range(1, val_levels + 1)]
+        self.val_metrics = nn.ModuleList(MeanMetric() for _ in self.val_times)
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+
+    # --- the objective ---------------------------------------------------------------------
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return self.net(z, t, cond)
+
+    def loss_per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """The weighted regression loss of each sample, computed in float32."""
+        s = self.path.sample(x0.float(), eps.float(), t.float())
+        out = self.net(s.z.to(x0.dtype), t, cond).float()
+        mse = (out - self.parametrisation.target(s, self.path)).pow(2).flatten(1).mean(1)
+        multiplier = self.weighting.multiplier(t.float(), self.path, self.parametrisation)
+        return mse if multiplier is None else mse * multiplier
+
+    def velocity(self, z: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """dz/dt of the learned flow: the network output converted by the parametrisation."""
+        out = self.net(z, t, cond)
+        return self.parametrisation.to_velocity(out.float(), z.float(), t.float(), self.path)
+
+    # --- training ------------------------------------------------------------------------------
+    def _unpack(self, batch) -> tuple[torch.Tensor, Any]:
+        if isinstance(batch, dict):
+            if "x0" not in batch:
+                raise KeyError(f"a batch must be a dict with key 'x0' (and optionally 'cond'); got keys {sorted(batch)}")
+            return batch["x0"], batch.get("cond")
+        if isinstance(batch, torch.Tensor):
+            return batch, None
+        raise TypeError(f"a batch must be a dict {{'x0': ..., 'cond': ...}} or a tensor, got {type(batch).__name__}")
+
+    def training_step(self, batch, batch_idx):
+        x0, cond = self._unpack(batch)
+        if self.sample_shape is None:  # remember what we generate, for checkpoints made without a linked data module
+            self.sample_shape = tuple(x0.shape[1:])
+        # times and noise are drawn in float32, even when the batch arrives in bf16
+        t = self.time_sampler.sample(x0.shape[0], device=x0.device)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=torch.float32)
+        loss = self.loss_per_sample(x0, t, eps, cond).mean()
+        self._check_finite(loss, batch_idx)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        bad = not bool(torch.isfinite(loss))
+        if self.trainer is not None and self.trainer.world_size > 1:  # every rank stops together
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step} (batch {batch_idx}); "
+                f"stopping before the update so no NaN weights are written. Lower the learning rate "
+                f"(lr={self.hparams.lr}), enable gradient clipping (trainer.gradient_clip_val), or check the data."
+            )
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)  # no decay on biases, norms, embeddings' scales
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        warmup = self.hparams.warmup_steps
+        if warmup <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- SD3 validation loss: fixed t levels, fixed noise ----------------------------------------
+    def _level_losses(self, batch, batch_idx: int, stage: str) -> None:
+        x0, cond = self._unpack(batch)
+        gen = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+        eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device)
+        for t_level, metric in zip(self.val_times, self.val_metrics):
+            t = torch.full((x0.shape[0],), t_level, device=x0.device, dtype=torch.float32)
+            metric.update(self.loss_per_sample(x0, t, eps, cond))
+
+    def _log_level_losses(self, stage: str) -> None:
+        values = [m.compute() for m in self.val_metrics]
+        for t_level, v in zip(self.val_times, values):
+            self.log(f"{stage}/loss_t{t_level:.3f}", v)
+        self.log(f"{stage}/loss", torch.stack(values[:-1]).mean(), prog_bar=True)  # t = 1 excluded (SD3)
+        for m in self.val_metrics:
+            m.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._level_losses(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self):
+        self._log_level_losses("val")
+
+    def test_step(self, batch, batch_idx):
+        self._level_losses(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self):
+        self._log_level_losses("test")
+
+    # --- generation ------------------------------------------------------------------------------
+    def null_condition(self, cond: Any) -> Any:
+        """The unconditional counterpart of ``cond`` for classifier-free guidance (None if the network has none)."""
+        if cond is None or not hasattr(self.net, "null_condition"):
+            return None
+        return self.net.null_condition(cond)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        num: int,
+        sampler: SamplerConfig | None = None,
+        cond: Any = None,
+        seed: int | None = 0,
+        noise: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, int]:
+        """Draw ``num`` samples by integrating the probability-flow ODE from t = t_max to 0.
+
+        Returns (samples, nfe). The network runs in eval mode (no condition dropout).
+        """
+        sampler = sampler or SamplerConfig()
+        if noise is None:
+            if self.sample_shape is None:
+                raise RuntimeError("this model does not know its sample shape: train it first or pass noise")
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            noise = torch.randn((num, *self.sample_shape), generator=gen, dtype=torch.float32)
+        noise = noise.to(self.device)
+        uncond = self.null_condition(cond) if sampler.guidance != 1.0 else None
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return sample(self.velocity, noise, cond=cond, uncond=uncond, config=sampler, t_max=self.path.t_max, progress=progress)
+        finally:
+            self.net.train(was_training)
+
+    # --- checkpoints remember what is generated ------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["flowmatch"] = {"sample_shape": list(self.sample_shape) if self.sample_shape else None, "objective": type(self).__name__}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        shape = checkpoint.get("flowmatch", {}).get("sample_shape")
+        if shape is not None:
+            self.sample_shape = tuple(shape)
