@@ -41,7 +41,8 @@ def build_objective(hparams: dict[str, Any], source: str = "checkpoint") -> Flow
             f"{source} does not carry its model config (no '_class_path' / 'network' in its hyper-parameters); "
             "was it written by `python -m flowmatch fit`?"
         )
-    init_args = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    # init_weights only seeded the original run; the checkpoint's own weights replace them anyway
+    init_args = {k: v for k, v in hparams.items() if not k.startswith("_") and k != "init_weights"}
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(FlowObjective, "model", fail_untyped=False)
     cfg = parser.parse_object({"model": {"class_path": hparams["_class_path"], "init_args": init_args}})

@@ -28,3 +28,19 @@ def scatter_figure(panels: list[tuple[str, np.ndarray]], lim: float = 4.5) -> np
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, C, H, W) images with C in {1, 3}, values roughly in [-1, 1], as one uint8 RGB grid."""
+    n, c, h, w = images.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    pixels = np.clip((images + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    if c == 1:
+        pixels = np.repeat(pixels, 3, axis=1)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = pixels[i].transpose(1, 2, 0)
+    return grid

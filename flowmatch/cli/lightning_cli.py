@@ -49,6 +49,12 @@ class FlowCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
 
+    def _instantiate_trainer(self, config, callbacks):
+        # `--trainer.enable_checkpointing false` must drop the default checkpoint callback, not clash with it
+        if config.get("enable_checkpointing") is False:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and ckpt is not None and ckpt.last_model_path:

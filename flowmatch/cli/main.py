@@ -1,5 +1,6 @@
 """Entry point: dispatches the platform's own commands and hands the rest to LightningCLI."""
 
+import importlib
 import os
 import sys
 
@@ -13,6 +14,7 @@ commands:
   test       the same on the test split
   predict    Lightning's predict loop
   sample     draw samples from a checkpoint: --ckpt CKPT --steps 8 --solver euler --out samples/
+  import-sd3 convert a local diffusers SD3 transformer directory into a flowmatch checkpoint: DIR --out model.ckpt
 
 `python -m flowmatch COMMAND --help` explains each command's options;
 `python -m flowmatch fit --config X.yaml --print_config` shows the fully resolved config.
@@ -20,6 +22,8 @@ Runs are tracked in MLflow (default store sqlite:///mlflow.db): mlflow ui --back
 """
 
 LIGHTNING_COMMANDS = {"fit", "validate", "test", "predict"}
+# the platform's own commands: name -> module with main(argv) -> exit code
+OWN_COMMANDS = {"sample": "flowmatch.cli.sample", "import-sd3": "flowmatch.cli.import_sd3"}
 
 
 def _quiet_known_warnings() -> None:
@@ -37,10 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _quiet_known_warnings()
     command, rest = argv[0], argv[1:]
-    if command == "sample":
-        from flowmatch.cli.sample import main as sample_main
-
-        return sample_main(rest)
+    if command in OWN_COMMANDS:
+        module = importlib.import_module(OWN_COMMANDS[command])
+        return module.main(rest)
     if command in LIGHTNING_COMMANDS:
         from flowmatch.cli.lightning_cli import FlowCLI
         from flowmatch.objectives.base import NonFiniteLossError

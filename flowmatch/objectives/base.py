@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from flowmatch.parametrisation import Parametrisation
 from flowmatch.paths.base import AffinePath, expand_like
-from flowmatch.sampling import SamplerConfig, sample
+from flowmatch.sampling import SamplerConfig, guided_velocity, sample
 from flowmatch.time_samplers import TimeSampler, UniformTime
 from flowmatch.weighting import Weighting, get_weighting
 
@@ -41,6 +41,8 @@ class FlowObjective(L.LightningModule):
         val_levels: number of equally spaced validation times t = k / val_levels, k = 1..val_levels
             (SD3 §5.3.3 uses 8); val/loss averages all but t = 1.
         val_seed: seed of the fixed validation noise.
+        init_weights: a checkpoint (from `fit` or `import-sd3`) whose network weights start this run,
+            e.g. to fine-tune an imported SD3 model; optimizer state is not taken from it.
     """
 
     path: AffinePath
@@ -58,6 +60,7 @@ class FlowObjective(L.LightningModule):
         sample_shape: list[int] | None = None,
         val_levels: int = 8,
         val_seed: int = 0,
+        init_weights: str | None = None,
     ):
         super().__init__()
         # Built by the CLI, the hyper-parameters are the config itself (class_path / init_args), which
@@ -72,6 +75,20 @@ class FlowObjective(L.LightningModule):
         self.val_times = [k / val_levels for k in range(1, val_levels + 1)]
         self.val_metrics = nn.ModuleList(MeanMetric() for _ in self.val_times)
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        if init_weights:
+            self._load_network_weights(init_weights)
+
+    def _load_network_weights(self, path: str) -> None:
+        """Copy the network weights of another checkpoint into this one's network (shapes must match)."""
+        from flowmatch.checkpoints import CheckpointError, read_checkpoint
+
+        state = read_checkpoint(path)["state_dict"]
+        net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        missing, unexpected = self.net.load_state_dict(net_state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"init_weights {path} does not fit this network: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
     # --- the objective ---------------------------------------------------------------------
     def forward(self, z: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
@@ -114,8 +131,9 @@ class FlowObjective(L.LightningModule):
 
     def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
         bad = not bool(torch.isfinite(loss))
-        if self.trainer is not None and self.trainer.world_size > 1:  # every rank stops together
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        trainer = self._trainer  # None outside a Trainer (self.trainer would raise)
+        if trainer is not None and trainer.world_size > 1:  # every rank stops together
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step} (batch {batch_idx}); "
@@ -197,7 +215,13 @@ class FlowObjective(L.LightningModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            return sample(self.velocity, noise, cond=cond, uncond=uncond, config=sampler, t_max=self.path.t_max, progress=progress)
+            t_min = self.path.t_min
+            x, nfe = sample(self.velocity, noise, cond=cond, uncond=uncond, config=sampler, t_max=self.path.t_max, t_min=t_min, progress=progress)
+            if t_min > 0:  # the velocity is singular at t = 0: finish with the model's x0 prediction
+                t = torch.full((x.shape[0],), t_min, device=x.device, dtype=x.dtype)
+                v = guided_velocity(self.velocity, cond, uncond, sampler.guidance)(x, t)
+                x, nfe = self.path.x0_eps_from_velocity(v, x, t)[0], nfe + 1
+            return x, nfe
         finally:
             self.net.train(was_training)
 

@@ -27,10 +27,12 @@ class AffinePath:
     Everything else (the point z_t, its velocity, the log-SNR lambda_t and lambda'_t, and the
     conversions between x0, eps and velocity) is generic and lives here.
     ``t_max`` is the latest time sampling may start from (1.0 unless a_t vanishes there in a way
-    that makes some parametrisations singular).
+    that makes some parametrisations singular); ``t_min`` the earliest time the ODE is integrated
+    to (0.0 unless the velocity is singular at t = 0); from there sampling jumps to the x0 prediction.
     """
 
     t_max: float = 1.0
+    t_min: float = 0.0
 
     def a(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

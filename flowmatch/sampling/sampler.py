@@ -62,14 +62,15 @@ def sample(
     config: SamplerConfig = SamplerConfig(),
     t_max: float = 1.0,
     progress: bool = False,
+    t_min: float = 0.0,
 ) -> Tuple[torch.Tensor, int]:
-    """Integrate dz/dt = v(z, t) from t_max (noise) to 0 (data); returns (x, nfe).
+    """Integrate dz/dt = v(z, t) from t_max (noise) to t_min (0: data); returns (x, nfe).
 
     ``velocity_fn(z, t, cond)`` is the model's velocity with t of shape (B,) in z's dtype.
     ``nfe`` counts evaluations of the (guided) field; with CFG each is one doubled-batch call.
     Runs with whatever grad mode the caller set (wrap in torch.no_grad() for inference).
     """
-    grid = time_grid(config.steps, shift=config.shift, kind=config.grid, t_max=t_max)
+    grid = time_grid(config.steps, shift=config.shift, kind=config.grid, t_max=t_max, t_min=t_min)
     v = guided_velocity(velocity_fn, cond, uncond, config.guidance)
     solver = get_solver(config.solver)
     return solver(v, noise, grid, rtol=config.rtol, atol=config.atol, progress=progress)

@@ -95,7 +95,10 @@ def dopri5(
         return v(y, _batch_time(t, y))
 
     span = torch.tensor([float(grid[0]), float(grid[-1])], dtype=z.dtype, device=z.device)
-    traj = odeint(func, z, span, rtol=rtol, atol=atol, method="dopri5")
+    # step_t makes the solver land exactly on the end time instead of stepping past it and
+    # interpolating back: the field is never evaluated outside [grid[-1], grid[0]] (a VP path's
+    # velocity is singular just below its t_min).
+    traj = odeint(func, z, span, rtol=rtol, atol=atol, method="dopri5", options={"step_t": span[1:]})
     return traj[-1], nfe
 
 

@@ -61,8 +61,8 @@ def flux_time_shift(mu: float, t: Number) -> Number:
     return e / (e + (1 / t - 1))
 
 
-def time_grid(steps: int, shift: float = 1.0, kind: str = "plain", t_max: float = 1.0) -> torch.Tensor:
-    """Descending float64 grid of ``steps + 1`` times from ``t_max`` to exactly 0.
+def time_grid(steps: int, shift: float = 1.0, kind: str = "plain", t_max: float = 1.0, t_min: float = 0.0) -> torch.Tensor:
+    """Descending float64 grid of ``steps + 1`` times from ``t_max`` to exactly ``t_min`` (default 0).
 
     kind="plain": steps + 1 evenly spaced points from 1 to 0, then the shift s(t) applied.
     kind="sd3":   the SD3 reference grid: ``steps`` points evenly from 1 down to s(1/1000),
@@ -70,6 +70,8 @@ def time_grid(steps: int, shift: float = 1.0, kind: str = "plain", t_max: float 
                   reproduce SD3's outputs with imported weights.
     t_max (0 < t_max <= 1) rescales the grid to start at t_max, for paths that cannot start
     exactly at t = 1 (e.g. eps-prediction on the cosine VP path, where b_1 / a_1 blows up).
+    t_min (>= 0) maps the grid affinely onto [t_min, t_max], for paths whose velocity is singular
+    at t = 0 (LDM's schedule: b_t ~ sqrt(t)); the caller finishes with an x0 prediction.
     """
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -78,16 +80,18 @@ def time_grid(steps: int, shift: float = 1.0, kind: str = "plain", t_max: float 
         raise ValueError(f"shift must be > 0, got {shift!r}")
     if not 0 < t_max <= 1:
         raise ValueError(f"t_max must be in (0, 1], got {t_max!r}")
+    if not 0 <= t_min < t_max:
+        raise ValueError(f"t_min must be in [0, t_max), got {t_min!r}")
 
     if kind == "plain":
         grid = shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
     elif kind == "sd3":
-        t_min = shift_time(_SD3_MIN_TIME, shift)
-        pts = torch.linspace(1.0, t_min, steps, dtype=torch.float64)
+        low = shift_time(_SD3_MIN_TIME, shift)
+        pts = torch.linspace(1.0, low, steps, dtype=torch.float64)
         grid = torch.cat([shift_time(pts, shift), torch.zeros(1, dtype=torch.float64)])
     else:
         raise ValueError(f"unknown time grid kind {kind!r}; valid kinds: {', '.join(GRID_KINDS)}")
 
-    grid = grid * t_max
-    grid[-1] = 0.0  # exact, whatever rounding the shift did
+    grid = t_min + grid * (t_max - t_min)
+    grid[-1] = t_min  # exact, whatever rounding the shift did
     return grid
