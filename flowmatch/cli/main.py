@@ -15,6 +15,9 @@ commands:
   predict    Lightning's predict loop
   sample     draw samples from a checkpoint: --ckpt CKPT --steps 8 --solver euler --out samples/
   import-sd3 convert a local diffusers SD3 transformer directory into a flowmatch checkpoint: DIR --out model.ckpt
+  prepare    images + captions -> latent/caption shards: --source demo --out data/demo
+  compare    HTML report comparing MLflow runs: --experiment NAME --out report/
+  convert-checkpoint  consolidate a DeepSpeed ZeRO checkpoint directory into one file
 
 `python -m flowmatch COMMAND --help` explains each command's options;
 `python -m flowmatch fit --config X.yaml --print_config` shows the fully resolved config.
@@ -23,7 +26,13 @@ Runs are tracked in MLflow (default store sqlite:///mlflow.db): mlflow ui --back
 
 LIGHTNING_COMMANDS = {"fit", "validate", "test", "predict"}
 # the platform's own commands: name -> module with main(argv) -> exit code
-OWN_COMMANDS = {"sample": "flowmatch.cli.sample", "import-sd3": "flowmatch.cli.import_sd3"}
+OWN_COMMANDS = {
+    "sample": "flowmatch.cli.sample",
+    "import-sd3": "flowmatch.cli.import_sd3",
+    "prepare": "flowmatch.cli.prepare",
+    "compare": "flowmatch.cli.compare",
+    "convert-checkpoint": "flowmatch.cli.convert_checkpoint",
+}
 
 
 def _quiet_known_warnings() -> None:
