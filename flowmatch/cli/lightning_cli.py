@@ -7,6 +7,8 @@ module's shape facts are linked into the model so configs need not repeat them.
 
 import os
 
+from jsonargparse import set_parsing_settings
+
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,6 +21,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 class FlowCLI(LightningCLI):
     def __init__(self, args=None, run=True):
+        # `${trainer.max_steps}` in any config file refers to the merged config of the command
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         super().__init__(
             model_class=FlowObjective,
             datamodule_class=LightningDataModule,
@@ -26,7 +30,7 @@ class FlowCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_callback=MLflowSaveConfig,
             save_config_kwargs={"save_to_log_dir": False},
-            parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
+            parser_kwargs={"parser_mode": "omegaconf+", "default_env": False, "prog": "python -m flowmatch"},
             auto_configure_optimizers=False,
             trainer_defaults={
                 "default_root_dir": "runs",

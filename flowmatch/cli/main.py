@@ -41,6 +41,18 @@ def _quiet_known_warnings() -> None:
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*Filesystem tracking backend.*")
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+
+def _check_ckpt_path(args: list[str]) -> None:
+    from flowmatch.checkpoints import read_checkpoint
+
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg == "--ckpt_path" and i + 1 < len(args) else arg.partition("=")[2] if arg.startswith("--ckpt_path=") else None
+        if value and value not in ("last", "best", "hpc", "registry", "null"):
+            read_checkpoint(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(OWN_COMMANDS[command])
         return module.main(rest)
     if command in LIGHTNING_COMMANDS:
+        from flowmatch.checkpoints import CheckpointError
         from flowmatch.cli.lightning_cli import FlowCLI
         from flowmatch.objectives.base import NonFiniteLossError
 
         try:
+            _check_ckpt_path(rest)  # Lightning reads it while parsing: report a bad one first, clearly
             FlowCLI(args=argv)
-        except NonFiniteLossError as err:
+        except (NonFiniteLossError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         return 0

@@ -31,7 +31,11 @@ from flowmatch.networks.layers import (
     SinCosPosEmbed2D,
     TimestepEmbedder,
     VectorEmbedder,
+    check_latents,
     check_mask,
+    check_pooled,
+    check_timesteps,
+    check_tokens,
     drop_tokens,
     init_linears_xavier,
     modulate,
@@ -85,6 +89,7 @@ class CrossDiT(nn.Module):
         cond_drop_prob: float = 0.463,
         learned_null: bool = False,
         gradient_checkpointing: bool = False,
+        max_text_tokens: int | None = None,
     ):
         """
         Args:
@@ -103,14 +108,18 @@ class CrossDiT(nn.Module):
             cond_drop_prob: probability of replacing each text input (pooled, tokens) by its null in training, independently.
             learned_null: learn the null inputs instead of using zeros.
             gradient_checkpointing: recompute block activations in the backward pass to save memory.
+            max_text_tokens: refuse cond["tokens"] longer than this many tokens (None: no limit).
         """
         super().__init__()
+        if max_text_tokens is not None and max_text_tokens < 1:
+            raise ValueError(f"max_text_tokens must be a positive number of tokens or None (no limit), got {max_text_tokens}")
         depth, hidden_size, num_heads = resolve_size(size, depth, hidden_size, num_heads)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.depth, self.hidden_size, self.num_heads, self.patch_size = depth, hidden_size, num_heads, patch_size
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
         self.pooled_dim, self.context_dim = pooled_dim, context_dim
+        self.input_size, self.max_text_tokens = input_size, max_text_tokens
         self.gradient_checkpointing = gradient_checkpointing
 
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
@@ -167,22 +176,23 @@ class CrossDiT(nn.Module):
     # ---- forward ------------------------------------------------------------------------
     def forward(self, z: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         """Velocity / noise prediction for latents z (B, C, H, W) at times t (B,); output shaped like z."""
+        name = type(self).__name__
+        h, w = check_latents(z, self.in_channels, self.patch_size, self.pos_embed.max_size, name, f"input_size={self.input_size}")
+        b = z.shape[0]
+        t = check_timesteps(t, b, name)
+        cond = self._check_cond(cond)
+        if self.pooled_dim:
+            check_pooled(cond["pooled"], b, self.pooled_dim, name)
+        check_tokens(cond["tokens"], b, self.context_dim, "tokens", name, self.max_text_tokens, "max_text_tokens")
         cond = self.drop_condition(cond)
-        b, _, height, width = z.shape
-        h, w = height // self.patch_size, width // self.patch_size
         dtype = param_dtype(self)
 
         x = self.x_embedder(z.to(dtype))
         x = x + self.pos_embed(h, w).to(x.dtype)
         c = self.t_embedder(t)
         if self.pooled_dim:
-            pooled = cond["pooled"]
-            if pooled.shape != (b, self.pooled_dim):
-                raise ValueError(f"cond['pooled'] must have shape ({b}, {self.pooled_dim}), got {tuple(pooled.shape)}")
-            c = c + self.y_embedder(pooled.to(dtype))
+            c = c + self.y_embedder(cond["pooled"].to(dtype))
         tokens = cond["tokens"]
-        if tokens.dim() != 3 or tokens.shape[0] != b or tokens.shape[2] != self.context_dim:
-            raise ValueError(f"cond['tokens'] must have shape ({b}, L, {self.context_dim}), got {tuple(tokens.shape)}")
         context = self.context_embedder(tokens.to(dtype))
         key_mask = check_mask(cond.get("mask"), tokens, "mask")
 

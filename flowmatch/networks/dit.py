@@ -27,6 +27,9 @@ from flowmatch.networks.layers import (
     SinCosPosEmbed2D,
     TimestepEmbedder,
     VectorEmbedder,
+    check_latents,
+    check_pooled,
+    check_timesteps,
     init_linears_xavier,
     modulate,
     num_params,
@@ -142,6 +145,7 @@ class DiT(nn.Module):
         self.out_channels = out_channels or in_channels
         self.patch_size, self.hidden_size, self.num_heads, self.depth = patch_size, hidden_size, num_heads, depth
         self.num_classes, self.pooled_dim = num_classes, pooled_dim
+        self.input_size = input_size
         self.gradient_checkpointing = gradient_checkpointing
 
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
@@ -208,18 +212,29 @@ class DiT(nn.Module):
                 cond = torch.full((batch,), self.num_classes, dtype=torch.long, device=t.device)
             else:
                 cond = self.cond_dropout.null_like(torch.zeros(batch, self.pooled_dim, device=t.device, dtype=dtype))
-        cond = self.drop_condition(cond)
         if self.num_classes:
-            return c + self.y_embedder(cond)
-        if cond.shape != (batch, self.pooled_dim):
-            raise ValueError(f"DiT expects a pooled vector of shape ({batch}, {self.pooled_dim}), got {tuple(cond.shape)}")
-        return c + self.y_embedder(cond.to(dtype))
+            self._check_labels(cond, batch)
+            return c + self.y_embedder(self.drop_condition(cond))
+        check_pooled(cond, batch, self.pooled_dim, "DiT", key="pooled vector")
+        return c + self.y_embedder(self.drop_condition(cond).to(dtype))
+
+    def _check_labels(self, labels: object, batch: int) -> None:
+        """Class labels: an integer tensor (batch,) with values in 0..num_classes (num_classes = the null class)."""
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (batch,):
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"DiT with num_classes={self.num_classes} expects class labels as an integer tensor of shape ({batch},), got {got}")
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
+            raise ValueError(
+                f"DiT class labels must lie in 0..{self.num_classes - 1} (or {self.num_classes} = the null class), "
+                f"got values {labels.min().item()}..{labels.max().item()}"
+            )
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity / noise prediction for latents z (B, C, H, W) at times t (B,); output shaped like z."""
-        b, _, height, width = z.shape
-        h, w = height // self.patch_size, width // self.patch_size
+        h, w = check_latents(z, self.in_channels, self.patch_size, self.pos_embed.max_size, "DiT", f"input_size={self.input_size}")
+        b = z.shape[0]
+        t = check_timesteps(t, b, "DiT")
         dtype = param_dtype(self)
         x = self.x_embedder(z.to(dtype))
         x = x + self.pos_embed(h, w).to(x.dtype)

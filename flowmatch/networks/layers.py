@@ -109,7 +109,7 @@ class SinCosPosEmbed2D(nn.Module):
         """Positions for a height x width token grid: the centre crop of the table, (1, height*width, D)."""
         m = self.max_size
         if height > m or width > m:
-            raise ValueError(f"token grid {height}x{width} exceeds the position table ({m}x{m}); raise pos_embed_max_size / input_size")
+            raise ValueError(f"token grid {height}x{width} exceeds the position table ({m}x{m} tokens); raise pos_embed_max_size / input_size")
         top, left = (m - height) // 2, (m - width) // 2
         table = self.table.reshape(m, m, -1)[top : top + height, left : left + width]
         return table.reshape(1, height * width, -1)
@@ -325,6 +325,126 @@ def require_keys(cond: object, keys: tuple[str, ...], network: str) -> dict:
     if missing:
         raise KeyError(f"{network}: cond is missing key(s) {missing} (it has {sorted(cond)})")
     return cond
+
+
+def check_latents(z: object, channels: int, patch_size: int, max_grid: int, network: str, table_arg: str) -> tuple[int, int]:
+    """Validate latents z against a network's configuration; returns the token grid (h, w).
+
+    ``max_grid`` is the side of the position table in tokens and ``table_arg`` names the constructor
+    argument that sets it (e.g. "input_size=32" or "pos_embed_max_size=96"), so that the error says
+    what to change.
+    """
+    p = patch_size
+    expected = f"(B, {channels}, H, W) with H and W divisible by patch_size {p} and at most {max_grid * p} ({table_arg})"
+    if not isinstance(z, torch.Tensor) or z.dim() != 4:
+        got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"{network} expects latents of shape {expected}; got {got}")
+    if z.shape[1] != channels:
+        raise ValueError(f"{network} expects latents with {channels} channels, shape {expected}; got {z.shape[1]} channels, shape {tuple(z.shape)}")
+    height, width = z.shape[-2:]
+    if height % p or width % p:
+        raise ValueError(f"{network}: latent height/width {height}x{width} (shape {tuple(z.shape)}) must be divisible by patch_size {p}")
+    h, w = height // p, width // p
+    if h > max_grid or w > max_grid:
+        raise ValueError(
+            f"{network}: latent {height}x{width} gives a {h}x{w} token grid, which exceeds the position table "
+            f"({max_grid}x{max_grid} tokens, {table_arg}: latents up to {max_grid * p}x{max_grid * p}); raise {table_arg.split('=')[0]}"
+        )
+    return h, w
+
+
+def check_timesteps(t: object, batch: int, network: str) -> torch.Tensor:
+    """t must be a float tensor of shape (batch,) (a 0-d tensor is broadcast to the batch)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{network} expects t as a float tensor of shape ({batch},), got {type(t).__name__}")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"{network} expects t of shape ({batch},) (one time per latent), got {tuple(t.shape)}")
+    return t
+
+
+def check_tokens(tokens: object, batch: int, dim: int, key: str, network: str, max_tokens: int | None, max_arg: str) -> torch.Tensor:
+    """Validate a text token stream cond[key]: a (batch, L, dim) tensor with L <= max_tokens (None: unlimited)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tokens.shape[0] != batch or tokens.shape[2] != dim:
+        got = f"shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"{network}: cond['{key}'] must have shape ({batch}, L, {dim}) (batch, tokens, context dim), got {got}")
+    if max_tokens is not None and tokens.shape[1] > max_tokens:
+        raise ValueError(
+            f"{network}: cond['{key}'] has {tokens.shape[1]} tokens, more than {max_arg}={max_tokens}; "
+            "truncate the text encoder's output or raise the limit"
+        )
+    return tokens
+
+
+def check_pooled(pooled: object, batch: int, dim: int, network: str, key: str = "pooled") -> torch.Tensor:
+    """Validate a pooled conditioning vector: a (batch, dim) tensor."""
+    if not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != (batch, dim):
+        got = f"shape {tuple(pooled.shape)}" if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+        raise ValueError(f"{network}: cond['{key}'] must have shape ({batch}, {dim}) (batch, pooled_dim), got {got}")
+    return pooled
+
+
+# --------------------------------------------------------------------------------------------
+# Loading weights
+# --------------------------------------------------------------------------------------------
+
+
+class NetworkStateError(ValueError):
+    """A state dict that does not fit a network (another architecture or size)."""
+
+
+def _describe(items: list[str], limit: int) -> str:
+    shown = "\n    ".join(items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n    {shown}{more}"
+
+
+def load_network_state(
+    net: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict", prefix: str = "", limit: int = 10
+) -> None:
+    """Load ``state_dict`` into ``net`` strictly, or raise ``NetworkStateError`` saying exactly what does not fit.
+
+    The error lists (up to ``limit`` of each, then a count) the network's tensors that the state dict
+    lacks (with the shape the network expects), the state dict's tensors the network has no place for
+    (with their shapes), and the tensors whose shapes differ (checkpoint shape vs network shape).
+    Nothing is loaded unless everything fits.
+
+    Args:
+        net: the network to load into.
+        state_dict: tensors by name (e.g. a checkpoint's state_dict).
+        source: what the state dict is (a file name), for the message.
+        prefix: if given, only keys starting with it are used and the prefix is stripped
+            (e.g. "net." for a Lightning checkpoint of a flowmatch objective).
+        limit: how many names of each kind the message lists.
+    """
+    if prefix:
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        k for k in expected
+        if k in state_dict and isinstance(state_dict[k], torch.Tensor) and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        shape = lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
+        parts = [f"{source} does not fit {type(net).__name__} ({len(state_dict)} tensors given, {len(expected)} expected)"]
+        if mismatched:
+            rows = [f"{k}: {shape(state_dict[k])} given, {shape(expected[k])} expected" for k in mismatched]
+            parts.append(f"{len(mismatched)} shape mismatch(es):" + _describe(rows, limit))
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s):" + _describe([f"{k} {shape(expected[k])}" for k in missing], limit))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s):" + _describe([f"{k} {shape(state_dict[k])}" for k in unexpected], limit))
+        if missing and not prefix and unexpected:
+            heads = sorted({k.split(".", 1)[0] + "." for k in unexpected if "." in k})
+            hits = [h for h in heads if all(f"{h}{k}" in state_dict for k in list(expected)[:3])]
+            if hits:
+                parts.append(f"hint: the keys carry the prefix {hits[0]!r}; pass prefix={hits[0]!r}")
+        parts.append("is it a checkpoint of another architecture or size?")
+        raise NetworkStateError("\n".join(parts))
+    net.load_state_dict(state_dict, strict=True)
 
 
 def init_linears_xavier(module: nn.Module) -> None:

@@ -38,7 +38,11 @@ from flowmatch.networks.layers import (
     TimestepEmbedder,
     VectorEmbedder,
     attention,
+    check_latents,
     check_mask,
+    check_pooled,
+    check_timesteps,
+    check_tokens,
     drop_tokens,
     init_linears_xavier,
     modulate,
@@ -147,6 +151,8 @@ class MMDiT(nn.Module):
         cond_drop_prob: float = 0.463,
         learned_null: bool = False,
         gradient_checkpointing: bool = False,
+        max_text_tokens: int | None = None,
+        max_text_tokens_2: int | None = None,
     ):
         """
         Args:
@@ -166,8 +172,15 @@ class MMDiT(nn.Module):
             cond_drop_prob: probability of replacing each text input (pooled, each token stream) by its null in training, independently (SD3: 0.463).
             learned_null: learn the null inputs instead of using zeros (SD3 uses zeros).
             gradient_checkpointing: recompute block activations in the backward pass to save memory.
+            max_text_tokens: refuse cond["tokens"] longer than this many tokens (None: no limit; SD3: 77 + 256 = 333).
+            max_text_tokens_2: the same for cond["tokens_2"] (3-sets variant only).
         """
         super().__init__()
+        for name, value in (("max_text_tokens", max_text_tokens), ("max_text_tokens_2", max_text_tokens_2)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of tokens or None (no limit), got {value}")
+        if max_text_tokens_2 is not None and context_dim_2 is None:
+            raise ValueError("max_text_tokens_2 limits cond['tokens_2'], which only the 3-sets variant (context_dim_2) has")
         hidden_size = hidden_size or 64 * depth
         num_heads = num_heads or depth
         if hidden_size % num_heads:
@@ -177,6 +190,7 @@ class MMDiT(nn.Module):
         self.pooled_dim, self.context_dim, self.context_dim_2 = pooled_dim, context_dim, context_dim_2
         self.qk_norm = qk_norm
         self.gradient_checkpointing = gradient_checkpointing
+        self.max_text_tokens = (max_text_tokens,) if context_dim_2 is None else (max_text_tokens, max_text_tokens_2)
         self.token_keys = ("tokens",) if context_dim_2 is None else ("tokens", "tokens_2")
         self.mask_keys = ("mask",) if context_dim_2 is None else ("mask", "mask_2")
         context_dims = (context_dim,) if context_dim_2 is None else (context_dim, context_dim_2)
@@ -241,23 +255,25 @@ class MMDiT(nn.Module):
     # ---- forward ------------------------------------------------------------------------
     def forward(self, z: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         """Velocity / noise prediction for latents z (B, C, H, W) at times t (B,); output shaped like z."""
+        name = type(self).__name__
+        h, w = check_latents(z, self.in_channels, self.patch_size, self.pos_embed.max_size, name,
+                             f"pos_embed_max_size={self.pos_embed.max_size}")
+        b = z.shape[0]
+        t = check_timesteps(t, b, name)
+        cond = self._check_cond(cond)
+        check_pooled(cond["pooled"], b, self.pooled_dim, name)
+        for i, (key, embedder, limit) in enumerate(zip(self.token_keys, self.context_embedders, self.max_text_tokens)):
+            check_tokens(cond[key], b, embedder.in_features, key, name, limit, "max_text_tokens" + ("_2" if i else ""))
         cond = self.drop_condition(cond)
-        b, _, height, width = z.shape
-        h, w = height // self.patch_size, width // self.patch_size
         dtype = param_dtype(self)
 
         x = self.x_embedder(z.to(dtype))
         x = x + self.pos_embed(h, w).to(x.dtype)
-        pooled = cond["pooled"]
-        if pooled.shape != (b, self.pooled_dim):
-            raise ValueError(f"cond['pooled'] must have shape ({b}, {self.pooled_dim}), got {tuple(pooled.shape)}")
-        c = self.t_embedder(t) + self.y_embedder(pooled.to(dtype))
+        c = self.t_embedder(t) + self.y_embedder(cond["pooled"].to(dtype))
 
         contexts, masks = [], []
         for key, mask_key, embedder in zip(self.token_keys, self.mask_keys, self.context_embedders):
             tokens = cond[key]
-            if tokens.dim() != 3 or tokens.shape[0] != b or tokens.shape[2] != embedder.in_features:
-                raise ValueError(f"cond['{key}'] must have shape ({b}, L, {embedder.in_features}), got {tuple(tokens.shape)}")
             contexts.append(embedder(tokens.to(dtype)))
             masks.append(check_mask(cond.get(mask_key), tokens, mask_key, fix_empty_rows=False))  # image keys always remain
         key_mask = None

@@ -1,0 +1,311 @@
+"""Images + captions -> latent/caption shards (the format of flowmatch.data.shard_format).
+
+    source (demo | image folder | jsonl) -> fixed train / val / test split
+        -> images -> autoencoder.encode -> float16 latents
+        -> original and synthetic captions -> text encoders -> token states, masks, pooled vectors
+        -> webdataset ShardWriter: OUT/{split}-{shard:06d}.tar, ``shard_size`` samples each
+    -> OUT/manifest.json (counts, latent shape, normalisation measured on the train split, encoders)
+
+Resumable: every finished shard is recorded in OUT/.prepare-state.json (with the latent sums its
+normalisation needs); a re-run with the same settings skips finished shards and redoes only an
+unfinished one (written as NAME.partial and renamed when complete). A re-run with other settings
+refuses to mix them into the same folder unless ``overwrite``. The manifest is written last, so
+a training run never sees a half-written shard set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowmatch.autoencoders.base import load_autoencoder
+from flowmatch.data.shard_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SPLITS,
+    encode_sample,
+    sample_key,
+    shard_name,
+    write_manifest,
+)
+from flowmatch.data.sources import Record, Source, SourceError, open_source
+
+STATE_NAME = ".prepare-state.json"
+
+
+class PrepareError(ValueError):
+    """Settings or an output folder that prepare cannot work with; the message says what to do."""
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of one shard set (see ``python -m flowmatch prepare --help``)."""
+
+    source: str = "demo"
+    out: str = "data/demo"
+    autoencoder: str = "space_to_depth:4"
+    text_encoders: list[str] = field(default_factory=lambda: ["minilm"])
+    max_length: list[int] | None = None
+    store_encodings: bool = True
+    size: int | None = None
+    channels: int | None = None
+    shard_size: int = 256
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    limit: int | None = None
+    shift: float | None = None
+    scale: float | None = None
+    batch_size: int = 128
+    text_batch_size: int = 256
+    device: str = "cpu"
+    overwrite: bool = False
+    progress: bool = True
+
+    def fingerprint(self) -> dict:
+        """The settings that decide the shards' content (a re-run must match them to resume)."""
+        keys = ("source", "autoencoder", "text_encoders", "max_length", "store_encodings", "size", "channels",
+                "shard_size", "seed", "val_fraction", "test_fraction", "limit")
+        out = {k: getattr(self, k) for k in keys}
+        if self.source != "demo":
+            out["source"] = str(Path(self.source).resolve())
+        ae = Path(self.autoencoder)
+        if ae.exists():  # a checkpoint or directory: its identity is its path and modification time
+            out["autoencoder"] = f"{ae.resolve()}@{int(ae.stat().st_mtime)}"
+        return out
+
+
+def _shards_of(records: list[Record], shard_size: int) -> list[list[Record]]:
+    return [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
+
+
+class _State:
+    """OUT/.prepare-state.json: the settings fingerprint and the finished shards with their latent sums."""
+
+    def __init__(self, out: Path, fingerprint: dict, overwrite: bool):
+        self.path = out / STATE_NAME
+        self.fingerprint = fingerprint
+        old = json.loads(self.path.read_text()) if self.path.is_file() else None
+        if old is not None and old.get("fingerprint") != fingerprint:
+            diff = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {})) if fingerprint.get(k) != old.get("fingerprint", {}).get(k))
+            if not overwrite:
+                raise PrepareError(
+                    f"{out} already holds shards written with other settings (they differ in: {', '.join(diff)}); "
+                    f"use another --out, or --overwrite to delete them"
+                )
+            old = None
+            for f in list(out.glob("*.tar")) + list(out.glob("*.tar.partial")) + [out / MANIFEST_NAME]:
+                f.unlink(missing_ok=True)
+        elif old is None and overwrite:
+            for f in list(out.glob("*.tar")) + list(out.glob("*.tar.partial")) + [out / MANIFEST_NAME]:
+                f.unlink(missing_ok=True)
+        elif old is None and any(out.glob("*.tar")):
+            raise PrepareError(f"{out} holds .tar files that prepare did not record; use another --out, or --overwrite to delete them")
+        self.done: dict[str, dict] = (old or {}).get("done", {})
+        # a shard recorded as done must still be there
+        self.done = {name: info for name, info in self.done.items() if (out / name).is_file()}
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done}, indent=1))
+        tmp.replace(self.path)
+
+
+def _to_autoencoder_channels(images: np.ndarray, channels: int, source: str) -> np.ndarray:
+    if images.shape[1] == channels:
+        return images
+    if images.shape[1] == 1:
+        return np.repeat(images, channels, axis=1)
+    raise PrepareError(f"{source}: images have {images.shape[1]} channels but the autoencoder takes {channels}")
+
+
+def prepare_shards(cfg: PrepareConfig, log=print) -> dict:
+    """Write (or finish writing) the shard set ``cfg.out``; returns the manifest (with a "summary" of this run)."""
+    start = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.shard_size < 1:
+        raise PrepareError(f"shard_size must be >= 1, got {cfg.shard_size}")
+    state = _State(out, cfg.fingerprint(), cfg.overwrite)
+    source: Source = open_source(cfg.source, cfg.size, cfg.channels)
+    splits = source.splits(cfg.seed, cfg.val_fraction, cfg.test_fraction, cfg.limit)
+    plan = {split: _shards_of(splits[split], cfg.shard_size) for split in SPLITS}
+    todo = sum(len(recs) for split in SPLITS for k, recs in enumerate(plan[split]) if shard_name(split, k) not in state.done)
+    if todo == 0 and (out / MANIFEST_NAME).is_file():
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        summary = {"written": {split: 0 for split in SPLITS}, "skipped_finished": sum(len(r) for r in splits.values()),
+                   "no_synthetic_caption": 0, "seconds": round(time.time() - start, 1)}
+        _print_summary(log, out, manifest, summary)
+        return {**manifest, "summary": summary}
+
+    ae_spec: str | dict = cfg.autoencoder
+    if isinstance(ae_spec, str) and ae_spec.split(":")[0] in ("s2d", "space_to_depth"):
+        factor = int(ae_spec.split(":")[1]) if ":" in ae_spec else 4
+        ae_spec = {"kind": "space_to_depth", "factor": factor, "image_channels": source.channels}
+    autoencoder = load_autoencoder(ae_spec).to(cfg.device).eval()
+    latent_shape = autoencoder.latent_shape((source.size, source.size))
+
+    from flowmatch.text.encoders import build_text_encoders
+
+    text = build_text_encoders(cfg.text_encoders or None, cfg.max_length)
+    if text is not None:
+        text = text.to(cfg.device)
+    encode_text = cfg.store_encodings and text is not None
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(r) for r in splits.values()), desc=f"prepare {out}", unit="img", disable=not cfg.progress, dynamic_ncols=True)
+    bar.update(sum(len(r) for r in splits.values()) - todo)
+    written = {split: 0 for split in SPLITS}
+    no_synthetic = 0
+
+    import webdataset as wds
+
+    for split in SPLITS:
+        shards = plan[split]
+        k = 0
+        while k < len(shards):
+            if shard_name(split, k) in state.done:
+                k += 1
+                continue
+            run_end = k
+            while run_end < len(shards) and shard_name(split, run_end) not in state.done:
+                run_end += 1
+            files: dict[str, object] = {}
+            pending: dict[str, dict] = {}
+
+            def opener(fname: str, files=files):
+                files[fname] = open(fname + ".partial", "wb")
+                return files[fname]
+
+            def post(fname: str, files=files, pending=pending):
+                files.pop(fname).close()
+                os.replace(fname + ".partial", fname)
+                state.done[Path(fname).name] = pending.pop(fname)
+                state.save()
+
+            pattern = str(out / f"{split}-%06d.tar")
+            writer = wds.ShardWriter(pattern, maxcount=cfg.shard_size, maxsize=float("inf"), start_shard=k, verbose=0, opener=opener, post=post)
+            try:
+                for shard in range(k, run_end):
+                    recs = shards[shard]
+                    first = shard * cfg.shard_size
+                    latents = _encode_images(autoencoder, source, recs, cfg)
+                    encodings = _encode_captions(text, recs, cfg) if encode_text else None
+                    for j, rec in enumerate(recs):
+                        index = first + j
+                        meta = {"index": index, "size": [source.size, source.size], "channels": source.channels, "source": rec.source}
+                        if rec.label is not None:
+                            meta["label"] = rec.label
+                        enc = None
+                        if encodings is not None:
+                            enc = {which: tuple(None if a is None else a[j] for a in arrays) for which, arrays in encodings.items()}
+                        writer.write(encode_sample(sample_key(split, index), latents[j], rec.caption, rec.caption_syn, meta, enc))
+                        no_synthetic += not rec.has_synthetic
+                    lat = latents.astype(np.float64)
+                    pending[str(out / shard_name(split, shard))] = {"count": len(recs), "sum": float(lat.sum()), "sumsq": float((lat**2).sum()), "numel": int(lat.size)}
+                    written[split] += len(recs)
+                    bar.update(len(recs))
+            finally:
+                writer.close()  # finishes (and records) the last shard of the run; an exception leaves a .partial
+            k = run_end
+    bar.close()
+
+    manifest = _manifest(cfg, source, splits, plan, state, autoencoder, latent_shape, text, encode_text)
+    write_manifest(manifest, out)
+    seconds = time.time() - start
+    summary = {"written": written, "skipped_finished": sum(len(r) for r in splits.values()) - sum(written.values()),
+               "no_synthetic_caption": no_synthetic, "seconds": round(seconds, 1)}
+    _print_summary(log, out, manifest, summary)
+    return {**manifest, "summary": summary}
+
+
+def _encode_images(autoencoder, source: Source, recs: list[Record], cfg: PrepareConfig) -> np.ndarray:
+    images = _to_autoencoder_channels(source.load_images(recs), autoencoder.image_channels, source.name)
+    parts = []
+    with torch.inference_mode():
+        for lo in range(0, len(images), cfg.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[lo : lo + cfg.batch_size])).to(cfg.device)
+            parts.append(autoencoder.encode(x).float().cpu().numpy())
+    return np.concatenate(parts).astype(np.float16)
+
+
+def _encode_captions(text, recs: list[Record], cfg: PrepareConfig) -> dict:
+    captions = [r.caption for r in recs] + [r.caption_syn for r in recs]
+    enc = text.encode_many(captions, batch_size=cfg.text_batch_size)
+    n = len(recs)
+    tokens, mask = enc.tokens.numpy(), enc.mask.numpy()
+    pooled = None if enc.pooled is None else enc.pooled.numpy()
+    return {
+        "orig": (tokens[:n], mask[:n], None if pooled is None else pooled[:n]),
+        "syn": (tokens[n:], mask[n:], None if pooled is None else pooled[n:]),
+    }
+
+
+def _manifest(cfg, source, splits, plan, state, autoencoder, latent_shape, text, encode_text) -> dict:
+    train = [state.done[shard_name("train", k)] for k in range(len(plan["train"]))]
+    count = sum(s["numel"] for s in train)
+    if count:
+        mean = sum(s["sum"] for s in train) / count
+        std = math.sqrt(max(sum(s["sumsq"] for s in train) / count - mean**2, 1e-12))
+    else:
+        mean, std = 0.0, 1.0
+    if cfg.shift is not None or cfg.scale is not None:
+        shift, scale, how = cfg.shift or 0.0, cfg.scale or 1.0, "given"
+    elif autoencoder.default_shift is not None and autoencoder.default_scale is not None:
+        shift, scale, how = autoencoder.default_shift, autoencoder.default_scale, f"{autoencoder.name} config"
+    else:
+        shift, scale, how = mean, 1.0 / std, "measured on the train split: shift = mean, scale = 1 / std"
+    text_info: dict = {"encodings": bool(encode_text), "encoders": [], "pooled_dim": 0, "context_dim": 0, "context_length": 0}
+    if text is not None:
+        text_info.update(text.describe())
+        text_info["encodings"] = bool(encode_text)
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": cfg.source,
+        "settings": cfg.fingerprint(),
+        "image": {"channels": autoencoder.image_channels, "size": [source.size, source.size]},
+        "latent": {"shape": list(latent_shape), "channels": latent_shape[0], "dtype": "float16", "shift": shift, "scale": scale,
+                   "normalisation": "(z - shift) * scale", "shift_scale_from": how, "train_mean": mean, "train_std": std},
+        "autoencoder": {"name": autoencoder.name, "spec": autoencoder.spec(), "downsample": autoencoder.downsample},
+        "text": text_info,
+        "captions": {"original": "the source's caption", "synthetic": "the describer's caption (demo) or the source's synthetic caption"},
+        "splits": {
+            split: {"shards": [shard_name(split, k) for k in range(len(plan[split]))],
+                    "counts": [len(r) for r in plan[split]], "samples": len(splits[split])}
+            for split in SPLITS
+        },
+        "shard_size": cfg.shard_size,
+        "seed": cfg.seed,
+    }
+
+
+def _print_summary(log, out: Path, manifest: dict, summary: dict) -> None:
+    rows = [f"{'split':<6} {'shards':>6} {'samples':>8}"]
+    for split in SPLITS:
+        s = manifest["splits"][split]
+        rows.append(f"{split:<6} {len(s['shards']):>6} {s['samples']:>8}")
+    lat = manifest["latent"]
+    text = manifest["text"]
+    log("\n".join(rows))
+    log(f"latents {tuple(lat['shape'])} float16 from {manifest['autoencoder']['name']}; normalisation (z - {lat['shift']:.4f}) * {lat['scale']:.4f}")
+    if text["encoders"]:
+        names = ", ".join(e["name"] for e in text["encoders"])
+        log(f"text: {names} -> pooled {text['pooled_dim']}, tokens {text['context_length']} x {text['context_dim']}" + ("" if text["encodings"] else " (not stored: encoded while training)"))
+    done = summary["written"]
+    log(f"wrote {sum(done.values())} samples, skipped {summary['skipped_finished']} already written, in {summary['seconds']} s -> {out / MANIFEST_NAME}")
+    if summary["no_synthetic_caption"]:
+        log(f"note: {summary['no_synthetic_caption']} samples had no synthetic caption; their original caption stands in for it")
+
+
+__all__ = ["PrepareConfig", "PrepareError", "SourceError", "prepare_shards"]

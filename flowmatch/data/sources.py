@@ -1,0 +1,168 @@
+"""Where ``prepare`` takes images and captions from: the built-in demo, a folder of images, or a jsonl file.
+
+Every source gives, per split, a list of :class:`Record` (caption, synthetic caption, optional
+label, where the image came from) and loads the images of any slice of it on demand as float32
+(n, C, size, size) in [-1, 1].
+
+- ``demo``: scikit-learn's digits (flowmatch.data.digits), 1 channel; original caption "a 7",
+  synthetic caption from the describer.
+- a folder: every .png / .jpg / .jpeg / .bmp / .webp below it (sorted); the caption is in a
+  sidecar ``NAME.txt`` (else the file name, underscores as spaces), the synthetic caption in
+  ``NAME.syn.txt`` (else the original caption is used for both: the sample then takes no part in mixing).
+- a ``.jsonl`` file: one object per line, ``{"image": path (relative to the file), "caption": str,
+  "synthetic_caption": str (optional), "label": int (optional)}``.
+
+Images are centre-cropped to a square and resized (bicubic) to ``size``; splits come from a fixed
+permutation (``seed``) so a re-run assigns every image to the same split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flowmatch.data.digits import describe_digits, load_digit_images, original_caption, split_indices
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+
+
+class SourceError(ValueError):
+    """Unreadable source input; the message names the file (and line)."""
+
+
+@dataclass
+class Record:
+    caption: str
+    caption_syn: str
+    source: str  # file path, or "sklearn-digits:INDEX"
+    label: int | None = None
+    has_synthetic: bool = True
+
+
+class Source:
+    """A list of records split into train / val / test, and an image loader."""
+
+    name: str
+    channels: int
+    size: int
+    records: list[Record]
+
+    def load_images(self, records: list[Record]) -> np.ndarray:
+        raise NotImplementedError
+
+    def splits(self, seed: int, val_fraction: float, test_fraction: float, limit: int | None) -> dict[str, list[Record]]:
+        records = self.records
+        if limit is not None:
+            if limit < 1:
+                raise SourceError(f"--limit must be >= 1, got {limit}")
+            order = np.random.default_rng(seed + 1).permutation(len(records))[:limit]
+            records = [records[i] for i in sorted(order)]
+        parts = split_indices(len(records), seed, val_fraction, test_fraction)
+        return {split: [records[i] for i in idx] for split, idx in parts.items()}
+
+
+class DemoDigits(Source):
+    name = "demo"
+
+    def __init__(self, size: int = 32):
+        self.size, self.channels = size, 1
+        images, labels = load_digit_images(size)
+        self._images = {f"sklearn-digits:{i}": images[i] for i in range(len(labels))}
+        synthetic = describe_digits(images, labels)
+        self.records = [Record(original_caption(int(lab)), syn, f"sklearn-digits:{i}", int(lab)) for i, (lab, syn) in enumerate(zip(labels, synthetic))]
+
+    def load_images(self, records: list[Record]) -> np.ndarray:
+        return np.stack([self._images[r.source] for r in records]) if records else np.zeros((0, 1, self.size, self.size), np.float32)
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One image file -> float32 (channels, size, size) in [-1, 1] (centre crop to a square, bicubic resize)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            w, h = img.size
+            s = min(w, h)
+            img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            img = img.resize((size, size), Image.BICUBIC)
+            arr = np.asarray(img, dtype=np.float32)
+    except (OSError, UnidentifiedImageError) as err:
+        raise SourceError(f"cannot read image {path}: {err}") from err
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+class _FileSource(Source):
+    def load_images(self, records: list[Record]) -> np.ndarray:
+        if not records:
+            return np.zeros((0, self.channels, self.size, self.size), np.float32)
+        return np.stack([load_image(Path(r.source), self.size, self.channels) for r in records])
+
+
+class ImageFolder(_FileSource):
+    def __init__(self, folder: str | Path, size: int = 32, channels: int = 3):
+        self.name, self.size, self.channels = str(folder), size, channels
+        root = Path(folder)
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        self.records = []
+        for f in files:
+            side = f.with_suffix(".txt")
+            syn = f.with_suffix(".syn.txt")
+            caption = side.read_text(encoding="utf-8").strip() if side.is_file() else f.stem.replace("_", " ")
+            has_syn = syn.is_file()
+            self.records.append(Record(caption, syn.read_text(encoding="utf-8").strip() if has_syn else caption, str(f.resolve()), None, has_syn))
+
+
+class JsonlSource(_FileSource):
+    def __init__(self, path: str | Path, size: int = 32, channels: int = 3):
+        self.name, self.size, self.channels = str(path), size, channels
+        path = Path(path)
+        if not path.is_file():
+            raise SourceError(f"no such jsonl file: {path}")
+        self.records = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SourceError(f"{where}: not valid JSON ({err.msg})") from err
+            if not isinstance(obj, dict):
+                raise SourceError(f"{where}: expected an object with 'image' and 'caption'")
+            for key in ("image", "caption"):
+                if not isinstance(obj.get(key), str) or not obj.get(key):
+                    raise SourceError(f"{where}: missing or empty key {key!r}")
+            image = Path(obj["image"])
+            image = image if image.is_absolute() else path.parent / image
+            if not image.is_file():
+                raise SourceError(f"{where}: image {image} does not exist")
+            label = obj.get("label")
+            if label is not None and not isinstance(label, int):
+                raise SourceError(f"{where}: 'label' must be an integer, got {label!r}")
+            syn = obj.get("synthetic_caption")
+            self.records.append(Record(obj["caption"], syn or obj["caption"], str(image.resolve()), label, bool(syn)))
+        if not self.records:
+            raise SourceError(f"{path} holds no records")
+
+
+def open_source(source: str, size: int | None = None, channels: int | None = None) -> Source:
+    """``demo``, a folder of images, or a .jsonl file (see the module docstring)."""
+    if source == "demo":
+        if channels not in (None, 1):
+            raise SourceError("the demo digits have 1 channel (--channels 1)")
+        return DemoDigits(size or 32)
+    path = Path(source)
+    if path.is_dir():
+        return ImageFolder(path, size or 256, channels or 3)
+    if path.suffix == ".jsonl":
+        return JsonlSource(path, size or 256, channels or 3)
+    if not path.exists():
+        raise SourceError(f"source {source!r}: not 'demo' and no such file or folder")
+    raise SourceError(f"source {source!r}: expected 'demo', a folder of images or a .jsonl file")
