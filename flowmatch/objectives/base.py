@@ -2,11 +2,16 @@
 
 An objective is a (path, parametrisation) pair plus a time sampler and a loss weighting; the
 subclasses in this package only choose those pieces. The network is any plain nn.Module called
-as ``net(z, t, cond)`` (see flowmatch.networks).
+as ``net(z, t, cond)`` (see flowmatch.networks). Given as a module it is used as is; given as a
+factory (what the CLI passes for a ``network: {class_path, init_args}`` config) it is built in
+``configure_model``, so that DeepSpeed ZeRO-3 shards its parameters as they are created.
+
+Runs resume exactly: the checkpoint carries every rank's RNG states (restored just before the first
+resumed training step), and validation leaves the training RNG stream untouched.
 """
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -29,7 +34,10 @@ class FlowObjective(L.LightningModule):
     """Base class of all objectives. Subclasses set ``self.path`` and ``self.parametrisation``.
 
     Args:
-        network: the velocity / noise network, called as ``network(z, t, cond)``.
+        network: the velocity / noise network, called as ``network(z, t, cond)``; or a factory
+            ``() -> nn.Module`` that ``configure_model`` calls (the CLI passes one), so that a
+            sharding strategy (DeepSpeed ZeRO-3) can build it sharded. ``self.net`` builds it on
+            first use if nothing has yet.
         time_sampler: density of training times t (uniform, logit-normal, mode, cosmap).
         weighting: loss weighting w_t by name ("native" = plain MSE of the prediction; "eps",
             "velocity", "rf", "v": see flowmatch.weighting).
@@ -50,7 +58,7 @@ class FlowObjective(L.LightningModule):
 
     def __init__(
         self,
-        network: nn.Module,
+        network: Callable[[], nn.Module] | nn.Module,
         time_sampler: TimeSampler | None = None,
         weighting: str = "native",
         lr: float = 1e-3,
@@ -67,7 +75,15 @@ class FlowObjective(L.LightningModule):
         # lets load_from_checkpoint rebuild network and sampler; built in Python, they are objects.
         from_config = _given_hyperparameters.get() is not None
         self.save_hyperparameters(ignore=[] if from_config else ["network", "time_sampler"])
-        self.net = network
+        self._network_factory: Callable[[], nn.Module] | None = None
+        if isinstance(network, nn.Module):
+            self.net = network
+        elif callable(network):
+            self._network_factory = network  # built in configure_model
+        else:
+            raise TypeError(f"network must be an nn.Module or a factory returning one, got {type(network).__name__}")
+        self._rng_to_restore: dict | None = None  # set by on_load_checkpoint, used at the first resumed step
+        self._rng_before_eval: dict | None = None
         self.time_sampler = time_sampler if time_sampler is not None else UniformTime()
         self.weighting: Weighting = get_weighting(weighting)
         if val_levels < 2:
@@ -75,16 +91,49 @@ class FlowObjective(L.LightningModule):
         self.val_times = [k / val_levels for k in range(1, val_levels + 1)]
         self.val_metrics = nn.ModuleList(MeanMetric() for _ in self.val_times)
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
-        if init_weights:
+        if init_weights and self._network_factory is None:
             self._load_network_weights(init_weights)
+
+    # --- the network: given, or built lazily ------------------------------------------------------
+    @property
+    def net(self) -> nn.Module:
+        """The network; built from its factory on first use if ``configure_model`` has not run yet."""
+        net = self._modules.get("net")
+        if net is None:
+            self.configure_model()
+            net = self._modules["net"]
+        return net
+
+    @property
+    def network_built(self) -> bool:
+        return self._modules.get("net") is not None
+
+    def configure_model(self) -> None:
+        """Build the network from its factory (once). Lightning calls this inside the strategy's
+        sharding context (DeepSpeed ZeRO-3: ``deepspeed.zero.Init``); a module given directly is kept."""
+        if self.network_built or self._network_factory is None:
+            return
+        network = self._network_factory()
+        if not isinstance(network, nn.Module):
+            raise TypeError(f"the network factory returned {type(network).__name__}, not an nn.Module")
+        self.net = network
+        if self.hparams.get("init_weights"):
+            self._load_network_weights(self.hparams.init_weights)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.configure_model()  # a lazily built network must exist before its weights can be loaded
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _load_network_weights(self, path: str) -> None:
         """Copy the network weights of another checkpoint into this one's network (shapes must match)."""
         from flowmatch.checkpoints import CheckpointError, read_checkpoint
+        from flowmatch.strategies.zero3 import gathered
 
         state = read_checkpoint(path)["state_dict"]
         net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-        missing, unexpected = self.net.load_state_dict(net_state, strict=False)
+        net = self._modules["net"]
+        with gathered(net.parameters(), modifier_rank=0):  # ZeRO-3: load into the full tensors, re-shard after
+            missing, unexpected = net.load_state_dict(net_state, strict=False)
         if missing or unexpected:
             raise CheckpointError(
                 f"init_weights {path} does not fit this network: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -135,9 +184,12 @@ class FlowObjective(L.LightningModule):
         if trainer is not None and trainer.world_size > 1:  # every rank stops together
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
+            ckpt = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+            last = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+            kept = f" The last good checkpoint is kept: {last}." if last else " No checkpoint had been written yet."
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step} (batch {batch_idx}); "
-                f"stopping before the update so no NaN weights are written. Lower the learning rate "
+                f"stopping before the update so no NaN weights are written.{kept} Lower the learning rate "
                 f"(lr={self.hparams.lr}), enable gradient clipping (trainer.gradient_clip_val), or check the data."
             )
 
@@ -225,11 +277,61 @@ class FlowObjective(L.LightningModule):
         finally:
             self.net.train(was_training)
 
-    # --- checkpoints remember what is generated ------------------------------------------------------
+    # --- RNG: one stream per rank, exact across resume, untouched by evaluation ------------------------
+    def on_train_start(self) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and self._rng_to_restore is None:
+            # every rank draws its own times and noise (seed_everything gives all ranks the same seed)
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * trainer.global_rank)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self._rng_to_restore is not None:  # first step after a resume: continue the saved RNG streams
+            from flowmatch.checkpoints import restore_rng_state
+
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def _save_rng(self) -> None:
+        from flowmatch.checkpoints import capture_rng_state
+
+        self._rng_before_eval = capture_rng_state()
+
+    def _restore_rng(self) -> None:
+        from flowmatch.checkpoints import restore_rng_state
+
+        if self._rng_before_eval is not None:
+            restore_rng_state(self._rng_before_eval)
+            self._rng_before_eval = None
+
+    def on_validation_start(self) -> None:
+        self._save_rng()  # validation (and the sample metrics in it) must not shift the training stream
+
+    def on_validation_end(self) -> None:
+        self._restore_rng()
+
+    # --- checkpoints remember what is generated, and the RNG -----------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from flowmatch.checkpoints import gather_rng_states
+
         checkpoint["flowmatch"] = {"sample_shape": list(self.sample_shape) if self.sample_shape else None, "objective": type(self).__name__}
+        trainer = self._trainer
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        if trainer is not None and getattr(fn, "value", fn) == "fit":
+            # inside validation (a checkpoint saved at validation end) the training stream is the one
+            # saved when validation started, to which on_validation_end returns
+            checkpoint["rng_states"] = gather_rng_states(trainer, self._rng_before_eval)  # one entry per rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         shape = checkpoint.get("flowmatch", {}).get("sample_shape")
         if shape is not None:
             self.sample_shape = tuple(shape)
+        states = checkpoint.get("rng_states")
+        trainer = self._trainer
+        if states and trainer is not None:
+            if len(states) == trainer.world_size:
+                self._rng_to_restore = states[trainer.global_rank]
+            else:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"the checkpoint holds RNG states of {len(states)} ranks, this run has {trainer.world_size}: "
+                               "the random stream restarts from the seed (the run continues, not bit-exactly)")
