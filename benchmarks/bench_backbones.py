@@ -4,17 +4,21 @@ Fixed config (the same for every model):
     batch 16, latents 16 x 32 x 32 (patch 2 -> 16 x 16 = 256 image tokens), 77 text tokens of dim 384,
     pooled text vector of dim 384, float32, train mode, conditioning dropout off.
     One step = zero grads, forward, loss = mean(out^2), backward (no optimiser step).
-    Timing: WARMUP steps are discarded, then the median of STEPS steps.
+    Timing: in each of ROUNDS rounds every model runs WARMUP discarded steps and STEPS timed steps in
+    a fresh subprocess (model order reversed in every other round, so that a changing background load
+    hits all models alike); the table gives the median wall time over all timed steps, and the median
+    CPU time of the process per step (less sensitive to other jobs on a shared machine).
 Models:
     DiT-S/2                      flowmatch DiT (12 blocks, hidden 384, 6 heads), conditioned on the pooled vector
     MM-DiT d4 (flowmatch)        flowmatch MMDiT, depth 4, hidden 256, 4 heads (head dim 64), no QK-norm
     MM-DiT d4 (diffusers)        diffusers.SD3Transformer2DModel at the identical config (only if diffusers is installed)
 Peak memory: every model runs in its own fresh subprocess; the column is ru_maxrss at the end minus
 ru_maxrss just before the model is built (torch / diffusers imports and the inputs excluded), i.e. the
-peak resident memory the parameters, gradients and activations of a training step added.
+peak resident memory the parameters, gradients and activations of a training step added (median over
+rounds).
 
     python benchmarks/bench_backbones.py                 # all models, table on stdout
-    python benchmarks/bench_backbones.py --steps 20 --threads 2 --models dit_s2 mmdit_d4
+    python benchmarks/bench_backbones.py --rounds 3 --steps 10 --threads 2 --models mmdit_d4 sd3_d4
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 BATCH, CHANNELS, SIDE, PATCH = 16, 16, 32, 2
 TEXT_TOKENS, TEXT_DIM, POOLED_DIM = 77, 384, 384
 MMDIT_DEPTH, MMDIT_HIDDEN, MMDIT_HEADS = 4, 256, 4
-WARMUP, STEPS = 3, 10
+WARMUP, STEPS, ROUNDS = 2, 5, 2
 
 MODELS = {
     "dit_s2": "DiT-S/2 (flowmatch)",
@@ -46,8 +50,6 @@ def _maxrss_mb() -> float:
 
 def _build(name: str):
     """(module, step function taking the inputs) for one model; imports stay outside the memory window."""
-    import torch
-
     if name == "dit_s2":
         from flowmatch.networks.dit import DiT
 
@@ -95,21 +97,17 @@ def worker(name: str, threads: int, warmup: int, steps: int) -> dict:
     net, fwd = _build(name)
     net.train()
     params = sum(p.numel() for p in net.parameters())
-    times = []
+    wall, cpu = [], []
     for i in range(warmup + steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for p in net.parameters():
             p.grad = None
         out = fwd(z, t, tokens, pooled)
         out.square().mean().backward()
-        elapsed = time.perf_counter() - start
         if i >= warmup:
-            times.append(elapsed)
-    return {
-        "name": name, "params": params, "ms_median": 1000 * statistics.median(times),
-        "ms_min": 1000 * min(times), "ms_max": 1000 * max(times), "peak_mb": _maxrss_mb() - rss_before,
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-    }
+            wall.append(1000 * (time.perf_counter() - start))
+            cpu.append(1000 * (time.process_time() - start_cpu))
+    return {"name": name, "params": params, "wall_ms": wall, "cpu_ms": cpu, "peak_mb": _maxrss_mb() - rss_before}
 
 
 def _have_diffusers() -> bool:
@@ -123,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (default: all cores)")
     parser.add_argument("--warmup", type=int, default=WARMUP)
-    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--steps", type=int, default=STEPS, help="timed steps per model and round")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -134,21 +133,28 @@ def main(argv: list[str] | None = None) -> None:
     skipped = sorted(set(args.models) - set(models))
     print(f"config: batch {BATCH}, latents {CHANNELS}x{SIDE}x{SIDE} (patch {PATCH}: {(SIDE // PATCH) ** 2} image tokens), "
           f"{TEXT_TOKENS} text tokens of dim {TEXT_DIM}, pooled {POOLED_DIM}; float32, fwd+bwd, "
-          f"{args.threads} thread(s), median of {args.steps} steps after {args.warmup} warm-up")
-    rows = []
+          f"{args.threads} thread(s), {args.rounds} round(s) x {args.steps} timed steps after {args.warmup} warm-up per model")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    for name in models:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--steps", str(args.steps)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if res.returncode:
-            raise SystemExit(f"{name} failed:\n{res.stderr}")
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    runs: dict[str, list[dict]] = {name: [] for name in models}
+    for r in range(args.rounds):
+        for name in (models if r % 2 == 0 else models[::-1]):
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(args.threads),
+                   "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode:
+                raise SystemExit(f"{name} failed:\n{res.stderr}")
+            runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name, rs in runs.items():
+        wall = [x for run in rs for x in run["wall_ms"]]
+        cpu = [x for run in rs for x in run["cpu_ms"]]
+        rows.append({"name": name, "params": rs[0]["params"], "ms_median": statistics.median(wall), "ms_min": min(wall),
+                     "ms_max": max(wall), "cpu_median": statistics.median(cpu), "peak_mb": statistics.median(run["peak_mb"] for run in rs)})
 
-    header = ("model", "params", "fwd+bwd ms/step (median)", "min..max ms", "peak memory MB")
+    header = ("model", "params", "fwd+bwd ms/step (median)", "min..max ms", "CPU ms/step", "peak memory MB")
     lines = [(MODELS[r["name"]], f"{r['params'] / 1e6:.2f}M", f"{r['ms_median']:.0f}",
-              f"{r['ms_min']:.0f}..{r['ms_max']:.0f}", f"{r['peak_mb']:.0f}") for r in rows]
+              f"{r['ms_min']:.0f}..{r['ms_max']:.0f}", f"{r['cpu_median']:.0f}", f"{r['peak_mb']:.0f}") for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"  # noqa: E731
     print(fmt(header))
@@ -160,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     by = {r["name"]: r for r in rows}
     if "mmdit_d4" in by and "sd3_d4" in by:
         a, b = by["mmdit_d4"], by["sd3_d4"]
-        print(f"flowmatch / diffusers MM-DiT d4: time {a['ms_median'] / b['ms_median']:.2f}x, peak memory {a['peak_mb'] / b['peak_mb']:.2f}x")
+        print(f"flowmatch / diffusers MM-DiT d4: wall time {a['ms_median'] / b['ms_median']:.2f}x, CPU time "
+              f"{a['cpu_median'] / b['cpu_median']:.2f}x, peak memory {a['peak_mb'] / b['peak_mb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Callbacks: sample-quality metrics and sample pictures, logged during validate / test."""
+"""Callbacks: sample-quality metrics and sample pictures, logged during validate / test; an EMA of the weights."""
 
+from flowmatch.callbacks.ema import EMA
 from flowmatch.callbacks.point_metrics import PointSampleMetrics
+from flowmatch.callbacks.straightness import Straightness
 
-__all__ = ["PointSampleMetrics"]
+__all__ = ["EMA", "PointSampleMetrics", "Straightness"]

@@ -3,20 +3,46 @@
 Model and data are given in subclass mode (``class_path`` / ``init_args``), several ``--config``
 files compose, OmegaConf interpolation ``${...}`` is resolved over the merged config, and the data
 module's shape facts are linked into the model so configs need not repeat them.
+
+Around Lightning's own behaviour the CLI adds:
+* an MLflow tracking server given by an http(s) URI is checked before anything is built: an
+  unreachable server is an ``error:`` at start-up (exit status 1), not a crash at the first metric;
+* ``fit --ckpt_path CKPT`` continues the MLflow run recorded in the checkpoint (same run id, metrics
+  continue at the resumed step), or, if that run is not in this tracking store, starts a new run
+  tagged ``flowmatch.resumed_from_run``;
+* checkpoint files are written atomically and read with safe unpickling (AtomicCheckpointIO);
+* ``validate`` / ``test`` of a checkpoint that holds EMA weights use them (an EMA callback is added if the
+  config has none; for the raw weights configure one with ``use_for_eval: false``);
+* a progress bar whose rate and ETA cover the whole run (StepProgressBar) and, at the end of a fit,
+  the final model (with its EMA weights) as the MLflow artifact ``model/final.ckpt``
+  (``--final_model.log false`` turns that off).
 """
 
 import os
+import sys
 
 from jsonargparse import set_parsing_settings
 
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import MLFlowLogger
 
-from flowmatch.objectives.base import FlowObjective
+from flowmatch.tracking.final_model import LogFinalModel
 from flowmatch.tracking.mlflow_config import MLflowSaveConfig
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def _mlflow_logger_specs(logger_cfg) -> list:
+    """The MLFlowLogger entries (class_path / init_args namespaces) of a trainer.logger config value."""
+    items = logger_cfg if isinstance(logger_cfg, list) else [logger_cfg]
+    out = []
+    for item in items:
+        class_path = getattr(item, "class_path", None) if item is not None and not isinstance(item, bool) else None
+        if class_path and class_path.rsplit(".", 1)[-1] == "MLFlowLogger":
+            out.append(item)
+    return out
 
 
 class FlowCLI(LightningCLI):
@@ -24,7 +50,7 @@ class FlowCLI(LightningCLI):
         # `${trainer.max_steps}` in any config file refers to the merged config of the command
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         super().__init__(
-            model_class=FlowObjective,
+            model_class=LightningModule,  # the objectives, and auxiliary models such as the autoencoder
             datamodule_class=LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -34,6 +60,9 @@ class FlowCLI(LightningCLI):
             auto_configure_optimizers=False,
             trainer_defaults={
                 "default_root_dir": "runs",
+                # MLflowSaveConfig logs the whole resolved config as params (model.lr, data.batch_size, ...);
+                # Lightning's own logging of the module's hparams would add unprefixed duplicates (lr, network, ...)
+                "enable_autolog_hparams": False,
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.MLFlowLogger",
                     "init_args": {
@@ -52,15 +81,112 @@ class FlowCLI(LightningCLI):
         parser.link_arguments("data.sample_shape", "model.init_args.sample_shape", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(LogFinalModel, "final_model")
+
+    # --- before anything is built: the tracking server, and the run a resume continues ------------------
+    def before_instantiate_classes(self) -> None:
+        from flowmatch.tracking.server import TrackingServerError, check_tracking_uri
+
+        cfg = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        self._resumed_from = None
+        specs = _mlflow_logger_specs(cfg.get("trainer", {}).get("logger"))
+        for spec in specs:
+            if spec.get("init_args") is not None and not spec.init_args.get("tracking_uri"):
+                spec.init_args.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)  # never ./mlruns
+            uri = spec.init_args.get("tracking_uri") if spec.get("init_args") is not None else None
+            try:
+                check_tracking_uri(uri or DEFAULT_TRACKING_URI)
+            except TrackingServerError as err:
+                raise SystemExit(f"error: {err}") from None
+        if self.subcommand == "fit" and cfg.get("ckpt_path") and specs:
+            self._resumed_from = self._continue_mlflow_run(cfg.ckpt_path, specs[0])
+        self._evaluate_ema = self.subcommand in ("validate", "test") and self._checkpoint_has_ema(cfg.get("ckpt_path"))
+
+    @staticmethod
+    def _checkpoint_has_ema(ckpt_path) -> bool:
+        from flowmatch.checkpoints import CheckpointError, read_client_state
+
+        if not ckpt_path or not os.path.exists(str(ckpt_path)):
+            return False
+        try:
+            return bool((read_client_state(ckpt_path).get("ema") or {}).get("state_dict"))
+        except CheckpointError:
+            return False
+
+    def _continue_mlflow_run(self, ckpt_path: str, spec) -> dict | None:
+        """Point the MLflow logger at the run the checkpoint was written by (if it is in this store)."""
+        from flowmatch.checkpoints import CheckpointError, read_client_state
+
+        if not os.path.exists(str(ckpt_path)):
+            return None  # Lightning reports it ("last", "hpc" ... are resolved by Lightning)
+        try:
+            state = read_client_state(ckpt_path)
+        except CheckpointError:
+            return None  # Lightning reports an unreadable checkpoint itself
+        info = dict(state.get("mlflow") or {})
+        info["step"] = int(state.get("global_step", 0))
+        run_id = info.get("run_id")
+        if not run_id or spec.init_args.get("run_id"):
+            return info
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(spec.init_args.tracking_uri).get_run(run_id)
+        except MlflowException:
+            print(f"note: the checkpoint's MLflow run {run_id} is not in {spec.init_args.tracking_uri}; "
+                  "this resumed fit logs to a new run tagged flowmatch.resumed_from_run", file=sys.stderr)
+            info["new_run"] = True
+            tags = dict(spec.init_args.get("tags") or {})
+            tags["flowmatch.resumed_from_run"] = run_id
+            spec.init_args.tags = tags
+            return info
+        spec.init_args.run_id = run_id
+        return info
 
     def _instantiate_trainer(self, config, callbacks):
         # `--trainer.enable_checkpointing false` must drop the default checkpoint callback, not clash with it
         if config.get("enable_checkpointing") is False:
             callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in [*configured, *callbacks]):
+            from flowmatch.tracking.progress import StepProgressBar
+
+            callbacks = [*callbacks, StepProgressBar()]
+        if getattr(self, "_evaluate_ema", False):
+            from flowmatch.callbacks.ema import EMA
+
+            if not any(isinstance(cb, EMA) for cb in [*configured, *callbacks]):
+                callbacks = [*callbacks, EMA()]  # validate / test a checkpoint with its EMA weights by default
+        trainer = super()._instantiate_trainer(config, callbacks)
+        self._harden_checkpoint_io(trainer)
+        for cb in trainer.callbacks:
+            if isinstance(cb, MLflowSaveConfig) and getattr(self, "_resumed_from", None) and not self._resumed_from.get("new_run"):
+                cb.resumed_from = self._resumed_from
+        return trainer
+
+    @staticmethod
+    def _harden_checkpoint_io(trainer) -> None:
+        """Atomic writes and safe unpickling for checkpoint files (unless a plugin chose its own IO)."""
+        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+        from flowmatch.checkpoints import AtomicCheckpointIO
+
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and ckpt is not None and ckpt.last_model_path:
-            print(f"\ncheckpoint: {ckpt.last_model_path}")
-            print(f"sample it:  python -m flowmatch sample --ckpt {ckpt.last_model_path} --out samples/")
+            path = ckpt.last_model_path
+            print(f"\ncheckpoint: {path}")
+            if os.path.isdir(path):
+                print(f"consolidate it (DeepSpeed):  python -m flowmatch convert-checkpoint {path} --out model.ckpt")
+                print("sample it:  python -m flowmatch sample --ckpt model.ckpt --out samples/")
+            else:
+                print(f"sample it:  python -m flowmatch sample --ckpt {path} --out samples/")
+        for logger in self.trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero:
+                print(f"MLflow run: {logger.run_id} (experiment {logger.experiment_id}) in {logger._tracking_uri}")

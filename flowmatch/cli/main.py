@@ -18,6 +18,7 @@ commands:
   prepare    images + captions -> latent/caption shards: --source demo --out data/demo
   compare    HTML report comparing MLflow runs: --experiment NAME --out report/
   convert-checkpoint  consolidate a DeepSpeed ZeRO checkpoint directory into one file
+  reflow     write (noise, sample) couplings of a trained flow for k-rectified flow: --ckpt CKPT --num-pairs N --out DIR
 
 `python -m flowmatch COMMAND --help` explains each command's options;
 `python -m flowmatch fit --config X.yaml --print_config` shows the fully resolved config.
@@ -32,6 +33,7 @@ OWN_COMMANDS = {
     "prepare": "flowmatch.cli.prepare",
     "compare": "flowmatch.cli.compare",
     "convert-checkpoint": "flowmatch.cli.convert_checkpoint",
+    "reflow": "flowmatch.cli.reflow",
 }
 
 
@@ -68,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     if command in LIGHTNING_COMMANDS:
         from flowmatch.checkpoints import CheckpointError
         from flowmatch.cli.lightning_cli import FlowCLI
+        from flowmatch.data.health import DataQualityError
+        from flowmatch.data.shard_format import ManifestMismatchError, ShardFormatError
         from flowmatch.objectives.base import NonFiniteLossError
 
         try:
             _check_ckpt_path(rest)  # Lightning reads it while parsing: report a bad one first, clearly
             FlowCLI(args=argv)
-        except (NonFiniteLossError, CheckpointError) as err:
+        except (NonFiniteLossError, CheckpointError, DataQualityError, ManifestMismatchError, ShardFormatError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         return 0

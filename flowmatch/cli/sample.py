@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--batch_size", type=int, default=4096, help="samples integrated at once")
     p.add_argument("--device", type=str, default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--weights", type=Literal["auto", "ema", "raw"], default="auto",
+                   help="which weights: the EMA weights (ema), the trained weights themselves (raw), or EMA when the checkpoint has them (auto)")
     return p
 
 
@@ -70,7 +73,7 @@ def main(argv: list[str]) -> int:
 
     try:
         config = SamplerConfig(solver=args.solver, steps=args.steps, shift=args.shift, grid=args.grid, guidance=args.guidance, rtol=args.rtol, atol=args.atol)
-        model = load_objective(args.ckpt, map_location=args.device)
+        model = load_objective(args.ckpt, map_location=args.device, weights=args.weights)
         cond = _conditions(model, args.labels, args.num)
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -90,8 +93,9 @@ def main(argv: list[str]) -> int:
     np.save(out / "samples.npy", samples)
     info = {"ckpt": str(args.ckpt), "objective": type(model).__name__, "num": args.num, "shape": list(samples.shape),
             "sampler": config.name, "solver": config.solver, "steps": config.steps, "shift": config.shift, "grid": config.grid,
-            "guidance": config.guidance, "labels": args.labels, "seed": args.seed, "nfe": nfe, "seconds": round(seconds, 3)}
+            "guidance": config.guidance, "labels": args.labels, "seed": args.seed, "nfe": nfe,
+            "weights": getattr(model, "loaded_weights", "raw"), "seconds": round(seconds, 3)}
     (out / "samples.json").write_text(json.dumps(info, indent=2))
     drew = save_picture(samples, out / "samples.png", f"{type(model).__name__} {config.name} (NFE {nfe})")
-    print(f"wrote {args.num} samples ({config.name}, NFE {nfe}, {seconds:.1f} s) to {out / 'samples.npy'}" + (f" and {out / 'samples.png'}" if drew else ""))
+    print(f"wrote {args.num} samples ({config.name}, NFE {nfe}, {info['weights']} weights, {seconds:.1f} s) to {out / 'samples.npy'}" + (f" and {out / 'samples.png'}" if drew else ""))
     return 0

@@ -3,8 +3,8 @@
 Inside a loader worker, :class:`SkipLog` turns each bad sample (missing key, wrong latent shape,
 unreadable array) and each bad shard (truncated or corrupt tar, unreadable URL) into a warning
 that names the shard and key, and counts it. The counts ride along with the next sample out of
-the worker (fields ``_skipped`` / ``_shard_errors`` of a batch), so the data module in the main
-process sums them (:class:`DataHealth`) whatever the number of workers, removes them from the
+the worker (fields ``_read`` / ``_skipped`` / ``_shard_errors`` of a batch: counted when read, so a
+shuffle buffer that reads ahead does not distort the share), so the data module in the main process sums them (:class:`DataHealth`) whatever the number of workers, removes them from the
 batch before the model sees it, and raises :class:`DataQualityError` once more than
 ``max_bad_fraction`` of what was read was bad. :class:`DataHealthLogger` (added to the trainer by
 the data module) logs ``data/skipped``, ``data/shard_errors`` and ``data/bad_fraction``.
@@ -31,7 +31,7 @@ class SkipLog:
 
     def __init__(self, max_messages: int = 20):
         self.max_messages = max_messages
-        self.skipped = self.shard_errors = self.shown = 0
+        self.read = self.skipped = self.shard_errors = self.shown = 0
 
     def _warn(self, message: str) -> None:
         self.shown += 1
@@ -45,29 +45,40 @@ class SkipLog:
         self._warn(f"skipped a sample: {err}")
 
     def shard(self, exn: Exception) -> bool:
-        """A webdataset exception handler: warn, count, go on with the next shard / file."""
+        """A webdataset exception handler: warn, count, go on with the next shard.
+
+        webdataset calls it at the level of a tar member (args: "message @ file"), of a shard (args end
+        with the URL) or of the URL opener. A member-level error abandons the rest of that shard (return
+        False ends the shard's tar iterator, so the same broken stream is not reported twice); at the
+        other levels the stream goes on with the next shard (return True).
+        """
         self.shard_errors += 1
         parts = [str(a) for a in exn.args if isinstance(a, str)]
         self._warn(f"skipped the rest of a shard after {type(exn).__name__}: {' | '.join(parts) or exn!r}")
-        return True
+        member_level = len(exn.args) == 1 and " @ " in str(exn.args[0])
+        return not member_level
 
-    def drain(self) -> tuple[int, int]:
-        out = (self.skipped, self.shard_errors)
-        self.skipped = self.shard_errors = 0
+    def good(self) -> None:
+        self.read += 1
+
+    def drain(self) -> tuple[int, int, int]:
+        """(good samples read, samples skipped, shard errors) since the last drain."""
+        out = (self.read, self.skipped, self.shard_errors)
+        self.read = self.skipped = self.shard_errors = 0
         return out
 
 
 class DataHealth:
-    """Main process: totals per stage ("train", "val", "test") of samples delivered, skipped and shard errors."""
+    """Main process: totals per stage ("train", "val", "test") of good samples read, samples skipped and shard errors."""
 
     def __init__(self, max_bad_fraction: float = 0.01, min_samples: int = 256):
         self.max_bad_fraction = max_bad_fraction
         self.min_samples = min_samples
         self.counts: dict[str, dict[str, int]] = {}
 
-    def update(self, stage: str, delivered: int, skipped: int, shard_errors: int) -> None:
+    def update(self, stage: str, read: int, skipped: int, shard_errors: int) -> None:
         c = self.counts.setdefault(stage, {"samples": 0, "skipped": 0, "shard_errors": 0})
-        c["samples"] += delivered
+        c["samples"] += read
         c["skipped"] += skipped
         c["shard_errors"] += shard_errors
 

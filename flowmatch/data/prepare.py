@@ -193,7 +193,10 @@ def prepare_shards(cfg: PrepareConfig, log=print) -> dict:
                 state.save()
 
             pattern = str(out / f"{split}-%06d.tar")
-            writer = wds.ShardWriter(pattern, maxcount=cfg.shard_size, maxsize=float("inf"), start_shard=k, verbose=0, opener=opener, post=post)
+            # an integer mtime keeps tar headers plain ustar (a float one adds a pax header to every member: 2x slower to read)
+            writer = wds.ShardWriter(pattern, maxcount=cfg.shard_size, maxsize=float("inf"), start_shard=k, verbose=0, opener=opener, post=post,
+                                     mtime=int(start))
+            finished = False
             try:
                 for shard in range(k, run_end):
                     recs = shards[shard]
@@ -214,8 +217,13 @@ def prepare_shards(cfg: PrepareConfig, log=print) -> dict:
                     pending[str(out / shard_name(split, shard))] = {"count": len(recs), "sum": float(lat.sum()), "sumsq": float((lat**2).sum()), "numel": int(lat.size)}
                     written[split] += len(recs)
                     bar.update(len(recs))
+                finished = True
             finally:
-                writer.close()  # finishes (and records) the last shard of the run; an exception leaves a .partial
+                if not finished:  # an interrupted shard stays NAME.partial, unrecorded: the next run redoes it
+                    writer.post = None
+                writer.close()  # finishes (and records) the last shard of the run
+                for f in files.values():
+                    f.close()
             k = run_end
     bar.close()
 

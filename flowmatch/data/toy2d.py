@@ -30,7 +30,7 @@ import lightning
 import numpy as np
 import torch
 from sklearn.datasets import make_moons, make_swiss_roll
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 # A sampler maps (n, rng) to (points float (n, 2), integer labels (n,)) as numpy arrays.
 Sampler = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
@@ -157,12 +157,80 @@ class _PointDataset(Dataset):
         return item
 
 
-class Toy2DDataModule(lightning.LightningDataModule):
+class ResumableShuffleSampler(DistributedSampler):
+    """A seeded shuffle whose order is a function of (seed, epoch) alone, that can start mid-epoch.
+
+    Each pass draws ``randperm(n)`` from a generator seeded with ``seed + epoch`` (and, over several
+    processes, takes this rank's share, as DistributedSampler does, so Lightning does not wrap it).
+    The epoch advances by itself on every pass, and Lightning's ``set_epoch`` sets it explicitly.
+    ``resume_at(epoch, batches)`` makes the pass of that epoch skip the batches already consumed,
+    which puts a resumed run exactly where the interrupted one was.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.batch_size = batch_size
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        self._resume = (int(epoch), int(batches))
+
+    def __iter__(self):
+        epoch = self.epoch
+        self.epoch = epoch + 1  # the next pass gets the next order unless set_epoch says otherwise
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        indices = torch.randperm(len(self.dataset), generator=g).tolist()
+        indices += indices[: self.total_size - len(indices)]  # pad so every rank gets the same count
+        indices = indices[self.rank : self.total_size : self.num_replicas]
+        skip = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            skip = min(self._resume[1] * self.batch_size, len(indices))
+        self._resume = None
+        return iter(indices[skip:])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class ResumableDataPosition:
+    """Mixin for a LightningDataModule with a map-style training set: a ResumableShuffleSampler for
+    the training loader and the data position (epoch, batches of it consumed) in checkpoints.
+
+    ``state_dict`` reads the position from the trainer's loop when a checkpoint is written;
+    ``load_state_dict`` (a resume) makes the next ``resumable_sampler`` skip what was consumed."""
+
+    _resume_position: tuple[int, int] | None = None
+
+    def resumable_sampler(self, dataset: Dataset, batch_size: int, seed: int) -> ResumableShuffleSampler:
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableShuffleSampler(dataset, batch_size, seed=seed, num_replicas=replicas, rank=rank)
+        if self._resume_position is not None:
+            sampler.resume_at(*self._resume_position)
+            self._resume_position = None
+        return sampler
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data: the epoch and the batches of it consumed so far."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": int(trainer.fit_loop.epoch_progress.current.completed), "batches": int(progress.processed)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if "epoch" in state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+
+class Toy2DDataModule(ResumableDataPosition, lightning.LightningDataModule):
     """2-D toy targets for fast flow-matching experiments (see the table in this module's docstring).
 
     Batches are dicts ``{"x0": float32 (B, 2)}``, plus ``"cond": int64 (B,)`` (the target's label)
     when ``conditional``. Each split is drawn once, with its own seed derived from ``seed``, so the
-    splits never share points; the training set is shuffled, validation and test are not.
+    splits never share points; the training set is shuffled (an order that depends on the seed and
+    the epoch only, see ResumableShuffleSampler), validation and test are not. The data position
+    (epoch, batches consumed) goes into checkpoints, so a resumed run continues with the next batch.
     """
 
     def __init__(
@@ -238,12 +306,14 @@ class Toy2DDataModule(lightning.LightningDataModule):
             self._dataset(split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        sampler = self.resumable_sampler(self._dataset(split), self.batch_size, self.seed) if shuffle else None
         return DataLoader(
             self._dataset(split),
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
+            # the loader's own generator seeds worker processes; without one, every new iterator would
+            # draw from torch's global RNG, which the training step's times and noise come from
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -12,6 +12,9 @@ The condition is the same dict as MM-DiT's:
     "pooled": float (B, pooled_dim)       (only when pooled_dim > 0)
     "tokens": float (B, L, context_dim)
     "mask":   bool (B, L), optional       True = real token; masked keys are ignored by the cross-attention
+Appending masked padding to a prompt leaves the output unchanged (to float32 rounding). A sample
+whose mask is all False attends to all its tokens instead (an empty softmax would give NaN).
+``max_text_tokens`` (default: no limit) makes a longer token sequence an error.
 """
 
 from __future__ import annotations

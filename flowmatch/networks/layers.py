@@ -2,8 +2,10 @@
 
 Patch embedding and its inverse, the fixed 2-D sin-cos position table (centre-cropped to the latent
 grid, as SD3 does), adaLN modulation, the MLP, RMSNorm for QK-normalisation, attention through
-``torch.nn.functional.scaled_dot_product_attention``, the timestep / vector embedders, and the
-conditioning dropout used for classifier-free guidance.
+``torch.nn.functional.scaled_dot_product_attention``, the timestep / vector embedders, the
+conditioning dropout used for classifier-free guidance, the input checks every backbone runs before
+its forward pass (each error says what was expected and what came), and ``load_network_state``,
+which refuses a state dict of another architecture with the names and shapes that do not fit.
 """
 
 from __future__ import annotations

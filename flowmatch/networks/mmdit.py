@@ -19,7 +19,11 @@ Conditioning dict (``cond``):
     "mask":     bool (B, L), optional         True = real token; False keys are ignored by attention
     "tokens_2": float (B, L2, context_dim_2)  second token stream (3-sets variant only)
     "mask_2":   bool (B, L2), optional        its mask
-Diffusers' SD3 uses no mask; imported models match diffusers when no mask is given.
+A masked (padded) text token is a key that no query, image or text, attends to; its own query row
+still attends to the real keys (the image keys always remain, so no softmax is ever empty and no NaN
+arises), and its output is never used by the real tokens. Hence appending masked padding to a prompt
+leaves the output unchanged (to float32 rounding). Diffusers' SD3 uses no mask; imported models match
+diffusers when no mask is given. ``max_text_tokens`` (default: no limit) makes longer token streams an error.
 """
 
 from __future__ import annotations

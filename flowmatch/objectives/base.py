@@ -126,10 +126,10 @@ class FlowObjective(L.LightningModule):
 
     def _load_network_weights(self, path: str) -> None:
         """Copy the network weights of another checkpoint into this one's network (shapes must match)."""
-        from flowmatch.checkpoints import CheckpointError, read_checkpoint
+        from flowmatch.checkpoints import CheckpointError, read_weights
         from flowmatch.strategies.zero3 import gathered
 
-        state = read_checkpoint(path)["state_dict"]
+        state = read_weights(path)["state_dict"]
         net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         net = self._modules["net"]
         with gathered(net.parameters(), modifier_rank=0):  # ZeRO-3: load into the full tensors, re-shard after
@@ -172,7 +172,10 @@ class FlowObjective(L.LightningModule):
             self.sample_shape = tuple(x0.shape[1:])
         # times and noise are drawn in float32, even when the batch arrives in bf16
         t = self.time_sampler.sample(x0.shape[0], device=x0.device)
-        eps = torch.randn(x0.shape, device=x0.device, dtype=torch.float32)
+        if isinstance(batch, dict) and "eps" in batch:  # fixed (noise, data) couplings, e.g. for reflow
+            eps = batch["eps"].float()
+        else:
+            eps = torch.randn(x0.shape, device=x0.device, dtype=torch.float32)
         loss = self.loss_per_sample(x0, t, eps, cond).mean()
         self._check_finite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
@@ -209,8 +212,11 @@ class FlowObjective(L.LightningModule):
     # --- SD3 validation loss: fixed t levels, fixed noise ----------------------------------------
     def _level_losses(self, batch, batch_idx: int, stage: str) -> None:
         x0, cond = self._unpack(batch)
-        gen = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
-        eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device)
+        if isinstance(batch, dict) and "eps" in batch:  # couplings: the loss of the fixed pairs (reflow)
+            eps = batch["eps"].float()
+        else:
+            gen = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+            eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device)
         for t_level, metric in zip(self.val_times, self.val_metrics):
             t = torch.full((x0.shape[0],), t_level, device=x0.device, dtype=torch.float32)
             metric.update(self.loss_per_sample(x0, t, eps, cond))
@@ -218,8 +224,8 @@ class FlowObjective(L.LightningModule):
     def _log_level_losses(self, stage: str) -> None:
         values = [m.compute() for m in self.val_metrics]
         for t_level, v in zip(self.val_times, values):
-            self.log(f"{stage}/loss_t{t_level:.3f}", v)
-        self.log(f"{stage}/loss", torch.stack(values[:-1]).mean(), prog_bar=True)  # t = 1 excluded (SD3)
+            self.log(f"{stage}/loss_t{t_level:.3f}", v, sync_dist=True)  # (already reduced over ranks by the metric)
+        self.log(f"{stage}/loss", torch.stack(values[:-1]).mean(), prog_bar=True, sync_dist=True)  # t = 1 excluded (SD3)
         for m in self.val_metrics:
             m.reset()
 

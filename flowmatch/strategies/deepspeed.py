@@ -10,6 +10,7 @@
   re-initialises its submodules' weights after building them (``initialize_weights()``, as DiT and
   MM-DiT do) would touch already-sharded parameters; that call is deferred until the network is
   built and then run with the network's parameters gathered (``flowmatch.strategies.zero3``).
+* **Safe loading**: resuming reads DeepSpeed's files with ``weights_only=True`` unpickling.
 * **Atomic checkpoints**: a ZeRO checkpoint is a directory of per-rank shards. It is written to
   ``<path>.tmp`` and swapped into place only after every rank has finished, so an interrupted save
   never leaves a half-written directory where the previous good checkpoint was.
@@ -64,6 +65,8 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         if not self.on_cpu:
             return super().setup_environment()  # Lightning's own checks, CUDA
         _disable_cpu_shm_comm_op()
+        if self.parallel_devices:  # cpu:0, cpu:1, ...: DeepSpeed and Lightning's checks want an index per process
+            self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices))]
         DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's "only supported on CUDA GPUs"
 
     def _get_process_group_backend(self) -> str:
@@ -85,19 +88,31 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
             with deferred_weight_init(enabled=self.zero_stage_3):
                 yield
 
-    # --- atomic directory checkpoints ------------------------------------------------------------------
+    # --- checkpoints: safe loading, atomic directories ---------------------------------------------
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from flowmatch.checkpoints import forced_safe_loading
+
+        with forced_safe_loading():  # DeepSpeed's engine asks torch.load for weights_only=False
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         filepath = self.broadcast(str(filepath))
         final = Path(filepath)
         tmp = final.with_name(final.name + ".tmp")
-        if self.is_global_zero and tmp.exists():
-            shutil.rmtree(tmp)  # left by an interrupted save
-        self.barrier("flowmatch_ckpt_tmp_clean")
+        # global rank 0 acts first; then each other node's local rank 0, for node-local checkpoint storage
+        # (on a shared filesystem there is nothing left for them to do)
+        self._on_each_filesystem(lambda: shutil.rmtree(tmp) if tmp.exists() else None, "tmp_clean")  # an interrupted save's
         super().save_checkpoint(checkpoint, str(tmp), storage_options=storage_options)
         self.barrier("flowmatch_ckpt_written")
+        self._on_each_filesystem(lambda: swap_directory_into_place(tmp, final) if tmp.exists() else None, "renamed")
+
+    def _on_each_filesystem(self, action, name: str) -> None:
         if self.is_global_zero:
-            swap_directory_into_place(tmp, final)
-        self.barrier("flowmatch_ckpt_renamed")
+            action()
+        self.barrier(f"flowmatch_ckpt_{name}_0")
+        if self.local_rank == 0 and not self.is_global_zero:
+            action()
+        self.barrier(f"flowmatch_ckpt_{name}")
 
 
 def swap_directory_into_place(tmp: Path, final: Path) -> None:

@@ -120,6 +120,11 @@ class SpeedMonitor(L.Callback):
         if self._t0 is not None:
             self._timed_samples += _batch_size(batch)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._flop_mode is not None:  # never leave the FLOP counter active
+            self._flop_mode.__exit__(None, None, None)
+            self._flop_mode = None
+
     def on_train_end(self, trainer, pl_module) -> None:
         device = pl_module.device
         self._sync(device)
@@ -163,7 +168,7 @@ class SpeedMonitor(L.Callback):
             ("timed steps", str(r.get("timed_steps", "-"))),
             ("seconds / step", f"{r['seconds_per_step']:.4f}" if "seconds_per_step" in r else "-"),
             ("samples / s (all ranks)", f"{r['samples_per_s']:.1f}" if "samples_per_s" in r else "-"),
-            ("model TFLOP/s per device", f"{r['tflops_per_device']:.2f}" if r.get("tflops_per_device") else "-"),
+            ("model TFLOP/s per device", f"{r['tflops_per_device']:.3g}" if r.get("tflops_per_device") else "-"),
             ("MFU", f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "n/a (peak FLOP/s unknown for this device)"),
             (f"peak memory ({r.get('peak_memory_kind')})", mb(r.get("peak_memory_bytes", 0))),
         ]

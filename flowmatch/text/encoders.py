@@ -124,8 +124,8 @@ class HFTextEncoder(nn.Module):
         import transformers
 
         _quiet_transformers()
-        self.spec_path = path
         local = resolve_encoder_path(path)
+        self.spec_path = path if path == MINILM else str(Path(path).resolve())  # what a manifest records
         if not (Path(local) / "config.json").is_file():
             raise TextEncoderError(f"text encoder {path}: no config.json in {local} (a local transformers model directory is needed; nothing loads from a hub)")
         if pooled not in _POOLED_CHOICES:

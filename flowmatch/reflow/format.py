@@ -1,0 +1,249 @@
+"""The coupling shard format: (noise, sample, condition) pairs of a trained flow, as webdataset tars.
+
+A coupling set is a directory::
+
+    DIR/manifest.json            what the pairs are and how they were made (see below)
+    DIR/couplings-000000.tar     webdataset shards, ``shard_size`` pairs each (the last may hold fewer)
+    DIR/couplings-000001.tar     ...
+
+Inside a shard, one tar *record* holds a block of consecutive pairs (pairs are independent draws,
+so a block is as good a unit of shuffling as a single pair; small data such as 2-D points would
+otherwise spend ~1.5 KB of tar headers on 16 bytes of payload):
+
+====================  ==================================================================
+file in the tar       content
+====================  ==================================================================
+KEY.noise.npy         float32 (n, *noise_shape): eps, the starting point at t = 1
+KEY.sample.npy        float32 (n, *sample_shape): Z_0(eps), the flow's sample at t = 0
+KEY.cond.npy          int64 (n,): class labels (only in conditional sets)
+====================  ==================================================================
+
+``KEY`` is ``pairs_{index of the block's first pair:010d}`` (no dots: webdataset splits keys at
+dots), so every pair has a global index and a reader checks that none is missing or repeated.
+
+The manifest: ``format``/``version``, ``count`` (pairs), ``noise_shape``, ``sample_shape``,
+``dtype``, ``conditional``, ``num_classes``, ``labels`` (how conditions were drawn), ``guidance``,
+``source_checkpoint``, ``objective``, ``weights`` (raw / ema), ``sampler`` (solver, steps, tolerances,
+shift, grid, name), ``nfe`` (mean per batch) and ``nfe_max``, ``seed``, ``batch_size``,
+``record_size``, ``shard_size``, ``shards`` ([{name, count}]), ``rectified`` (k of the k-rectified
+flow these pairs train: 2 for pairs drawn from a model trained on data), ``source_couplings``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+FORMAT_NAME = "flowmatch-couplings"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = "couplings-{:06d}.tar"
+NOISE, SAMPLE, COND = "noise.npy", "sample.npy", "cond.npy"
+KEY_PREFIX = "pairs_"
+DTYPE = np.float32
+REQUIRED_MANIFEST_FIELDS = ("format", "version", "count", "noise_shape", "sample_shape", "conditional", "shards")
+
+
+class CouplingFormatError(ValueError):
+    """A coupling directory, manifest, shard or record that does not follow the format (names file and key)."""
+
+
+@dataclass
+class CouplingRecord:
+    """A block of consecutive pairs: global indices first .. first + len(noise) - 1."""
+
+    first: int
+    noise: np.ndarray
+    sample: np.ndarray
+    cond: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.noise.shape[0])
+
+
+def shard_name(index: int) -> str:
+    return SHARD_PATTERN.format(index)
+
+
+def record_key(first: int) -> str:
+    return f"{KEY_PREFIX}{first:010d}"
+
+
+def parse_record_key(key: str, where: str) -> int:
+    if not key.startswith(KEY_PREFIX) or not key[len(KEY_PREFIX):].isdigit():
+        raise CouplingFormatError(f"{where}: record key {key!r} is not {KEY_PREFIX}<index>")
+    return int(key[len(KEY_PREFIX):])
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_npy(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CouplingFormatError(f"{where}: not a readable .npy payload ({err})") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+# --- writing ---------------------------------------------------------------------------------------
+def write_shard(path: str | Path, records: Iterable[CouplingRecord]) -> int:
+    """Write records to ``path`` atomically (a temporary file beside it, fsync, rename); returns the pair count.
+
+    Tar members get a fixed mtime, so the same records always give a byte-identical shard.
+    """
+    import webdataset as wds
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    count = 0
+    try:
+        with open(tmp, "wb") as f:
+            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+            for rec in records:
+                if rec.noise.shape[0] != rec.sample.shape[0] or (rec.cond is not None and rec.cond.shape[0] != rec.noise.shape[0]):
+                    raise ValueError(f"record {rec.first}: noise, sample and cond must hold the same number of pairs")
+                item = {"__key__": record_key(rec.first), NOISE: npy_bytes(rec.noise.astype(DTYPE, copy=False)),
+                        SAMPLE: npy_bytes(rec.sample.astype(DTYPE, copy=False))}
+                if rec.cond is not None:
+                    item[COND] = npy_bytes(rec.cond.astype(np.int64, copy=False))
+                writer.write(item)
+                count += len(rec)
+            writer.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return count
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write DIR/manifest.json atomically."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    tmp = directory / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+    return path
+
+
+# --- reading ---------------------------------------------------------------------------------------
+def read_manifest(location: str | Path) -> dict[str, Any]:
+    """The manifest of a coupling set: ``location`` is the directory or its manifest.json. Checked."""
+    location = Path(location)
+    path = location / MANIFEST_NAME if location.is_dir() else location
+    if not path.exists():
+        hint = " (an unfinished `reflow` run leaves DIR.partial/ instead; run it again to finish)" if Path(f"{location}.partial").exists() else ""
+        raise CouplingFormatError(f"no coupling manifest at {path}: not a directory written by `python -m flowmatch reflow`{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CouplingFormatError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CouplingFormatError(f"{path} is not a coupling manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT_NAME!r})")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CouplingFormatError(f"{path}: format version {manifest.get('version')!r}, this reader knows {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_MANIFEST_FIELDS if k not in manifest]
+    if missing:
+        raise CouplingFormatError(f"{path}: missing fields {missing}")
+    if sum(int(s["count"]) for s in manifest["shards"]) != manifest["count"]:
+        raise CouplingFormatError(f"{path}: the shards' counts do not add up to count={manifest['count']}")
+    manifest["directory"] = str(path.parent)
+    return manifest
+
+
+def shard_paths(manifest: dict[str, Any]) -> list[Path]:
+    """The shard files of a manifest (checked to exist), in index order."""
+    directory = Path(manifest["directory"])
+    paths = [directory / s["name"] for s in manifest["shards"]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise CouplingFormatError(f"coupling shards listed in {directory / MANIFEST_NAME} are missing: {missing[:3]}")
+    return paths
+
+
+def iter_shard(path: str | Path, manifest: dict[str, Any] | None = None) -> Iterator[CouplingRecord]:
+    """The records of one shard file in file order, decoded and checked against the manifest's shapes."""
+    import webdataset as wds
+
+    path = str(path)
+    noise_shape = tuple(manifest["noise_shape"]) if manifest else None
+    sample_shape = tuple(manifest["sample_shape"]) if manifest else None
+    conditional = bool(manifest["conditional"]) if manifest else None
+    try:
+        for raw in wds.tarfile_to_samples()(iter([{"url": path}])):
+            key = raw["__key__"]
+            where = f"{path}, record {key}"
+            first = parse_record_key(key, where)
+            for name in (NOISE, SAMPLE):
+                if name not in raw:
+                    raise CouplingFormatError(f"{where}: no {name} (has {sorted(k for k in raw if not k.startswith('__'))})")
+            noise, sample = _load_npy(raw[NOISE], f"{where}.{NOISE}"), _load_npy(raw[SAMPLE], f"{where}.{SAMPLE}")
+            cond = _load_npy(raw[COND], f"{where}.{COND}") if COND in raw else None
+            if noise.ndim < 1 or sample.shape[:1] != noise.shape[:1] or (cond is not None and cond.shape != noise.shape[:1]):
+                raise CouplingFormatError(f"{where}: noise {noise.shape}, sample {sample.shape} and cond {None if cond is None else cond.shape} do not hold the same number of pairs")
+            if noise_shape is not None and (noise.shape[1:] != noise_shape or sample.shape[1:] != sample_shape):
+                raise CouplingFormatError(f"{where}: shapes {noise.shape[1:]} / {sample.shape[1:]} differ from the manifest's {noise_shape} / {sample_shape}")
+            if conditional is not None and conditional != (cond is not None):
+                raise CouplingFormatError(f"{where}: the manifest says conditional={conditional} but the record {'has' if cond is not None else 'lacks'} {COND}")
+            yield CouplingRecord(first, noise, sample, cond)
+    except CouplingFormatError:
+        raise
+    except Exception as err:  # tarfile / webdataset errors on a truncated or corrupt file
+        raise CouplingFormatError(f"{path}: unreadable coupling shard ({type(err).__name__}: {err})") from None
+
+
+def iter_records(location: str | Path) -> Iterator[CouplingRecord]:
+    """Every record of a coupling set in index order, checking that the indices run 0, 1, ... count - 1."""
+    manifest = read_manifest(location)
+    expected = 0
+    for path, info in zip(shard_paths(manifest), manifest["shards"]):
+        start = expected
+        for rec in iter_shard(path, manifest):
+            if rec.first != expected:
+                raise CouplingFormatError(f"{path}: record {record_key(rec.first)} where pair {expected} was expected (a shard is missing, repeated or out of order)")
+            expected += len(rec)
+            yield rec
+        if expected - start != int(info["count"]):
+            raise CouplingFormatError(f"{path}: holds {expected - start} pairs, the manifest says {info['count']}")
+    if expected != manifest["count"]:
+        raise CouplingFormatError(f"{location}: {expected} pairs read, the manifest says {manifest['count']}")
+
+
+def read_couplings(location: str | Path) -> dict[str, np.ndarray | None]:
+    """All pairs of a coupling set in memory: {"noise", "sample", "cond" (None if unconditional)}, as written."""
+    manifest = read_manifest(location)
+    records = list(iter_records(location))
+    shape = lambda key: (0, *manifest[f"{key}_shape"])  # noqa: E731
+    noise = np.concatenate([r.noise for r in records]) if records else np.zeros(shape("noise"), DTYPE)
+    sample = np.concatenate([r.sample for r in records]) if records else np.zeros(shape("sample"), DTYPE)
+    cond = None
+    if manifest["conditional"]:
+        cond = np.concatenate([r.cond for r in records]) if records else np.zeros((0,), np.int64)
+    return {"noise": noise, "sample": sample, "cond": cond}
