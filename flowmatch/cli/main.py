@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         from flowmatch.data.health import DataQualityError
         from flowmatch.data.shard_format import ManifestMismatchError, ShardFormatError
         from flowmatch.objectives.base import NonFiniteLossError
+        from flowmatch.tracking.server import TrackingServerError
 
         try:
             _check_ckpt_path(rest)  # Lightning reads it while parsing: report a bad one first, clearly
             FlowCLI(args=argv)
-        except (NonFiniteLossError, CheckpointError, DataQualityError, ManifestMismatchError, ShardFormatError) as err:
+        except (NonFiniteLossError, CheckpointError, DataQualityError, ManifestMismatchError, ShardFormatError, TrackingServerError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         return 0

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
 #: what the logged file keeps: enough to rebuild, validate and sample the model (no optimizer state)

@@ -27,7 +27,6 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 IMAGE_NAME = re.compile(r"^(?P<key>.+)\+step\+(?P<step>\d+)\+timestamp\+\d+\+[0-9a-fA-F-]+\.png$")
 LEVEL_KEY = re.compile(r"^val/loss_t(?P<t>[0-9.]+)$")
