@@ -85,6 +85,9 @@ def test_fit_validate_sample_roundtrip_with_mlflow(tmp_path):
     assert val.returncode == 0, val.stderr[-3000:]
     assert "val/loss" in val.stdout and "val/w2_dopri5" in val.stdout
 
+    pred = run_cli(["predict", "--config", TOY, *SHORT, "--ckpt_path", ckpt, "--trainer.logger", "false"], tmp_path)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+
     out = tmp_path / "samples"
     smp = run_cli(["sample", "--ckpt", ckpt, "--steps", "8", "--solver", "euler", "--num", "500", "--out", out], tmp_path)
     assert smp.returncode == 0, smp.stderr[-3000:]

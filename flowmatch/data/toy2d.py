@@ -327,6 +327,10 @@ class Toy2DDataModule(ResumableDataPosition, lightning.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """`predict` generates one sample per test point (with its label as the condition when conditional)."""
+        return self.test_dataloader()
+
     def reference_samples(
         self, n: int, split: str = "val", return_labels: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

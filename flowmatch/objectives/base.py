@@ -242,6 +242,15 @@ class FlowObjective(L.LightningModule):
         self._log_level_losses("test")
 
     # --- generation ------------------------------------------------------------------------------
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """`predict`: one generated sample per item of the batch, conditioned on the batch's condition.
+
+        Uses the Euler sampler with 25 steps; the noise is seeded by the batch index, so predictions repeat.
+        """
+        x0, cond = self._unpack(batch)
+        x, _ = self.generate(x0.shape[0], SamplerConfig(solver="euler", steps=25), cond=cond, seed=batch_idx)
+        return x
+
     def null_condition(self, cond: Any) -> Any:
         """The unconditional counterpart of ``cond`` for classifier-free guidance (None if the network has none)."""
         if cond is None or not hasattr(self.net, "null_condition"):
