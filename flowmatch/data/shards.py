@@ -1,0 +1,690 @@
+"""Streaming latent/caption shards with webdataset: the data module of image-generation runs.
+
+    shards (local paths, brace patterns, any URL webdataset opens, pipe: commands)
+      train: resampled shards (with replacement, seeded per rank / worker / epoch) -> tar samples
+             -> shuffle buffer -> decode + check -> caption mixing -> batches (in the workers)
+             -> a fixed number of batches per epoch on every rank (no rank waits for another)
+      val / test: every shard once, in order; rank r keeps the samples with index % world == r,
+             so no sample is seen twice and the ranks' batch counts are equal; batched in the main process
+    -> batch {"x0": (B, C, h, w) normalised latents, "cond": {"pooled", "tokens", "mask"}, "caption": [...],
+              "synthetic": bool (B,), "key": [...], "label": int64 (B,) when known}
+
+Latents are normalised as (z - shift) * scale with the manifest's numbers; ``decode`` undoes that and
+runs the autoencoder's decoder. Shards without text encodings (or a data module given its own
+``text_encoders``) get the captions encoded on the batch's device after transfer (the encoders run
+in the main process, once, not in every worker).
+
+Bad data (see flowmatch.data.health): a truncated / corrupt tar, a sample with a missing key or a
+latent of the wrong shape is skipped with a warning naming shard and key, counted, logged as
+``data/skipped`` / ``data/shard_errors``; more than ``max_bad_fraction`` bad stops the run with
+DataQualityError. A shard set that does not fit the model (channels, size, text widths) fails in
+``setup``, before the first step.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import random
+import zlib
+from pathlib import Path
+
+import lightning
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from flowmatch.data.captions import use_synthetic
+from flowmatch.data.health import DataHealth, DataHealthLogger, DataQualityError, SkipLog
+from flowmatch.data.tar_reader import tar_samples
+from flowmatch.data.shard_format import (
+    MANIFEST_NAME,
+    SPLITS,
+    ManifestMismatchError,
+    SampleSpec,
+    ShardFormatError,
+    read_manifest,
+)
+
+__all__ = ["LatentShardDataModule", "ManifestMismatchError", "ShardFormatError", "DataQualityError", "collate"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: one rank's stream of samples
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_url(u: str) -> bool:
+    return "://" in u or u.startswith("pipe:")
+
+
+def _expand(shards: str | list[str] | None) -> list[str]:
+    if shards is None:
+        return []
+    import webdataset as wds
+
+    items = [shards] if isinstance(shards, str) else list(shards)
+    out: list[str] = []
+    for item in items:
+        out += wds.shardlists.expand_urls(item)
+    return out
+
+
+def _derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class _RankWorkerSeed:
+    """webdataset's worker_seed callable for one rank: distinct per (rank, worker); picklable."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self) -> int:
+        return self.rank * 1000 + _worker()[0]
+
+
+def collate(items: list[dict]) -> dict:
+    """Items (one per sample) -> the batch dict; the ``_read`` / ``_skipped`` / ``_shard_errors`` counts are summed."""
+    batch = {
+        "x0": torch.stack([it["x0"] for it in items]),
+        "caption": [it["caption"] for it in items],
+        "synthetic": torch.tensor([it["synthetic"] for it in items], dtype=torch.bool),
+        "key": [it["key"] for it in items],
+        "_read": torch.tensor(sum(it["_read"] for it in items), dtype=torch.int64),
+        "_skipped": torch.tensor(sum(it["_skipped"] for it in items), dtype=torch.int64),
+        "_shard_errors": torch.tensor(sum(it["_shard_errors"] for it in items), dtype=torch.int64),
+    }
+    if "tokens" in items[0]:
+        batch["cond"] = {
+            "pooled": torch.stack([it["pooled"] for it in items]),
+            "tokens": torch.stack([it["tokens"] for it in items]),
+            "mask": torch.stack([it["mask"] for it in items]),
+        }
+    labels = [it["label"] for it in items]
+    if all(label is not None for label in labels):
+        batch["label"] = torch.tensor(labels, dtype=torch.int64)
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """The samples one rank reads from a list of shard URLs, decoded into items (runs inside loader workers).
+
+    mode "train": endless; resampled shards (or, with resampled=False, this rank's and worker's
+    share of the shards in a reshuffled cycle), a shuffle buffer, batches of ``batch_size`` built
+    in the worker. mode "eval": every shard once, in order, split over workers by shard and over
+    ranks by sample index, single items (the main process batches them), then one end marker.
+    """
+
+    def __init__(self, urls: list[str], spec: SampleSpec, shift: float, scale: float, mode: str, rank: int, world_size: int,
+                 seed: int, synthetic_prob: float, use_encodings: bool, shuffle_buffer: int = 1000, batch_size: int = 1,
+                 resampled: bool = True, index_of: dict[str, int] | None = None):
+        super().__init__()
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        self.urls, self.spec, self.shift, self.scale = list(urls), spec, float(shift), float(scale)
+        self.mode, self.rank, self.world_size, self.seed = mode, rank, world_size, seed
+        self.synthetic_prob, self.use_encodings = synthetic_prob, use_encodings
+        self.shuffle_buffer, self.batch_size, self.resampled = shuffle_buffer, batch_size, resampled
+        self.epoch = 0  # set by the main process before each pass; copied into the workers when they start
+        if use_encodings and not spec.encodings:
+            raise ShardFormatError("these shards hold no text encodings")
+
+    # ---- shard order ----
+    def _shard_source(self):
+        import webdataset as wds
+
+        worker, num_workers = _worker()
+        if self.mode == "eval":
+            return (dict(url=u) for u in self.urls[worker::num_workers])
+        if self.resampled:
+            return iter(wds.ResampledShards(self.urls, seed=_derive_seed(self.seed, self.epoch), worker_seed=_RankWorkerSeed(self.rank), deterministic=True))
+        mine = self.urls[self.rank :: self.world_size][worker::num_workers]
+        if not mine:
+            raise ValueError(
+                f"{len(self.urls)} training shards cannot feed {self.world_size} ranks x {num_workers} workers without resampling: "
+                f"use resampled=True or fewer workers"
+            )
+        rng = random.Random(_derive_seed(self.seed, self.epoch, self.rank, worker))
+
+        def cycle():
+            while True:
+                order = list(mine)
+                rng.shuffle(order)
+                yield from (dict(url=u) for u in order)
+
+        return cycle()
+
+    # ---- samples ----
+    def _item(self, s: dict, mix_epoch: int, log: SkipLog) -> dict:
+        synthetic = use_synthetic(self.synthetic_prob, self.seed, mix_epoch, s["key"])
+        # numpy, then one from_numpy each: per-sample torch ops cost far more than the arithmetic here
+        x0 = (s["latent"].astype(np.float32) - np.float32(self.shift)) * np.float32(self.scale)
+        item = {"x0": torch.from_numpy(x0), "caption": s["caption_syn"] if synthetic else s["caption"], "synthetic": synthetic,
+                "key": s["key"], "label": s["label"]}
+        if self.use_encodings:
+            tokens, mask, pooled = s["syn" if synthetic else "orig"]
+            full = np.zeros((self.spec.context_length, self.spec.context_dim), np.float32)
+            full[mask] = tokens
+            item.update(tokens=torch.from_numpy(full), mask=torch.from_numpy(mask.copy()), pooled=torch.from_numpy(pooled.astype(np.float32)))
+        log.good()
+        # eval items carry the counts since the previous item; train batches take them when they leave the worker
+        item["_read"], item["_skipped"], item["_shard_errors"] = log.drain() if self.mode == "eval" else (0, 0, 0)
+        return item
+
+    def _keep(self, raw: dict) -> bool:
+        """Eval mode: does this rank own the sample? (by its index in the split, from the key, else a hash of the key)."""
+        if self.world_size == 1:
+            return True
+        key = str(raw.get("__key__", ""))
+        tail = key.rsplit("_", 1)[-1]
+        index = int(tail) if tail.isdigit() else zlib.crc32(key.encode())
+        return index % self.world_size == self.rank
+
+    def _items(self, log: SkipLog):
+        samples = tar_samples(self._shard_source(), handler=log.shard)
+        mix_epoch = self.epoch if self.mode == "train" else 0
+        spec = self.spec if self.use_encodings or not self.spec.encodings else _without_encodings(self.spec)
+        for raw in samples:
+            if self.mode == "eval" and not self._keep(raw):
+                continue
+            try:
+                s = spec.decode(raw)
+            except ShardFormatError as err:
+                log.sample(err)
+                continue
+            yield self._item(s, mix_epoch, log)
+
+    def __iter__(self):
+        log = SkipLog()
+        if self.mode == "eval":
+            yield from self._items(log)
+            read, skipped, errors = log.drain()
+            yield {"_end": True, "_read": read, "_skipped": skipped, "_shard_errors": errors}
+            return
+        worker, _ = _worker()
+        rng = random.Random(_derive_seed(self.seed, self.epoch, self.rank, worker, 1))
+        import webdataset as wds
+
+        items = self._items(log)
+        if self.shuffle_buffer > 1:
+            items = wds.filters._shuffle(items, bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)
+        for batch in wds.filters._batched(items, self.batch_size, collation_fn=collate, partial=False):
+            read, skipped, errors = log.drain()  # counted when read, even while the samples wait in the shuffle buffer
+            batch["_read"] += read
+            batch["_skipped"] += skipped
+            batch["_shard_errors"] += errors
+            yield batch
+
+
+def _without_encodings(spec: SampleSpec) -> SampleSpec:
+    import copy
+
+    out = copy.copy(spec)
+    out.encodings = False
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Main-process loaders
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainLoader:
+    """Exactly ``steps`` batches per epoch from an endless stream (webdataset's with_epoch, plus a new seed every epoch)."""
+
+    def __init__(self, stream: ShardStream, steps: int, num_workers: int, pin_memory: bool, prefetch_factor: int = 4):
+        self.stream, self.steps = stream, steps
+        kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        self.stream.epoch = self.epoch
+        self.epoch += 1
+        it = iter(self.loader)
+        try:
+            for _ in range(self.steps):
+                yield next(it)
+        finally:
+            del it  # shuts the workers down
+
+
+def plan_batches(n: int, batch_size: int, num_batches: int) -> list[int]:
+    """Sizes of ``num_batches`` batches holding ``n`` samples: full batches first, then what is left spread so none is empty."""
+    sizes = []
+    left = n
+    for i in range(num_batches):
+        size = min(batch_size, left - (num_batches - i - 1))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+class EvalLoader:
+    """Validation / test batches: the stream's items batched in the main process to a fixed plan (equal batch counts on all ranks)."""
+
+    def __init__(self, stream: ShardStream, batch_size: int, sizes: list[int] | None, num_workers: int, pin_memory: bool):
+        self.stream, self.batch_size, self.sizes = stream, batch_size, sizes
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=False)
+        self.pin_memory = pin_memory
+        self.trailing = (0, 0, 0)  # counts that arrived after the last batch
+
+    def __len__(self) -> int:
+        if self.sizes is None:
+            raise TypeError("the size of this evaluation set is unknown (its shards are not in the manifest)")
+        return len(self.sizes)
+
+    def __iter__(self):
+        sizes = list(self.sizes) if self.sizes is not None else None
+        pending: list[dict] = []
+        extra = [0, 0, 0]
+        target = lambda: sizes[0] if sizes else self.batch_size  # noqa: E731
+        for item in self.loader:
+            if item.get("_end"):
+                extra[0] += item["_read"]
+                extra[1] += item["_skipped"]
+                extra[2] += item["_shard_errors"]
+                continue
+            pending.append(item)
+            if len(pending) == target():
+                yield self._batch(pending, extra)
+                pending = []
+                if sizes:
+                    sizes.pop(0)
+        if pending:
+            yield self._batch(pending, extra)
+        self.trailing = tuple(extra)
+
+    def _batch(self, items: list[dict], extra: list[int]) -> dict:
+        batch = collate(items)
+        for i, name in enumerate(("_read", "_skipped", "_shard_errors")):
+            batch[name] += extra[i]
+            extra[i] = 0
+        if self.pin_memory:
+            batch = _pin(batch)
+        return batch
+
+
+def _pin(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.pin_memory()
+    if isinstance(obj, dict):
+        return {k: _pin(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# The data module
+# ---------------------------------------------------------------------------------------------
+
+
+class LatentShardDataModule(lightning.LightningDataModule):
+    """Latent/caption shards written by ``python -m flowmatch prepare``, streamed with webdataset (see the module docstring).
+
+    Batches: ``{"x0": float32 (B, C, h, w) normalised latents, "cond": {"pooled": (B, P), "tokens": (B, L, D),
+    "mask": bool (B, L)}, "caption": list[str], "synthetic": bool (B,), "key": list[str], "label": int64 (B,)}``
+    ("label" only when every sample has one).
+    """
+
+    def __init__(
+        self,
+        shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
+        data_dir: str | None = None,
+        manifest: str | None = None,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        steps_per_epoch: int | None = None,
+        resampled: bool = True,
+        synthetic_caption_prob: float = 0.5,
+        seed: int = 0,
+        text_encoders: list[str] | None = None,
+        max_bad_fraction: float = 0.01,
+        bad_check_after: int = 256,
+        pin_memory: bool = True,
+        autoencoder: str | None = None,
+        prepare_source: str | None = None,
+    ):
+        """
+        Args:
+            shards: training shards: a path, a brace pattern ("train-{000000..000099}.tar"), any URL webdataset
+                opens ("s3://...", "pipe:curl -s ..."), or a list of them. Default: the manifest's train split.
+            val_shards: validation shards (read once per validation, never resampled); default: the manifest's val split.
+            test_shards: test shards; default: the manifest's test split.
+            data_dir: a directory holding manifest.json and the shards it names (e.g. data/demo).
+            manifest: the manifest's path or URL, when it is not data_dir/manifest.json or beside the shards.
+            batch_size: samples per training batch (per rank).
+            val_batch_size: samples per validation / test batch (default batch_size).
+            num_workers: loader worker processes per rank (0 = read in the main process).
+            shuffle_buffer: samples in each worker's shuffle buffer (1 = no shuffling).
+            steps_per_epoch: training batches per epoch on every rank; default one pass over the train split's samples.
+            resampled: draw training shards with replacement (each rank and worker independently; recommended
+                for multi-node runs); False cycles over each rank's and worker's own share of the shards.
+            synthetic_caption_prob: probability that a sample takes its synthetic caption (SD3: 0.5).
+            seed: seed of shard resampling, shuffling and caption mixing (reproducible whatever the workers).
+            text_encoders: encode captions on the fly with these (local directories or "minilm"), whether or not
+                the shards hold encodings; default: the shards' stored encodings, else the manifest's encoders.
+            max_bad_fraction: stop with DataQualityError when more than this share of the read samples was bad.
+            bad_check_after: samples to read before the share is judged (a few early bad samples do not stop a run).
+            pin_memory: pin batches in page-locked memory (only when CUDA is available).
+            autoencoder: the autoencoder for ``decode`` (a spec of flowmatch.autoencoders); default: the manifest's.
+            prepare_source: write the shards first (``prepare --source SOURCE --out data_dir``) when data_dir has no
+                manifest, e.g. "demo"; the first process to get there writes, the others wait.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= synthetic_caption_prob <= 1.0:
+            raise ValueError(f"synthetic_caption_prob must be in [0, 1], got {synthetic_caption_prob}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.shuffle_buffer, self.steps_per_epoch = num_workers, shuffle_buffer, steps_per_epoch
+        self.resampled, self.synthetic_prob, self.seed = resampled, synthetic_caption_prob, seed
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.health = DataHealth(max_bad_fraction, bad_check_after)
+
+        if data_dir is not None and prepare_source is not None and manifest is None:
+            _prepare_once(data_dir, prepare_source)
+        self.manifest_location = self._locate_manifest(shards, data_dir, manifest)
+        self.manifest, self._base = read_manifest(self.manifest_location)
+        self.spec = SampleSpec(self.manifest)
+        latent = self.manifest["latent"]
+        self.shift, self.scale = float(latent["shift"]), float(latent["scale"])
+
+        self._urls = {
+            "train": _expand(shards) or self._manifest_urls("train"),
+            "val": _expand(val_shards) or self._manifest_urls("val"),
+            "test": _expand(test_shards) or self._manifest_urls("test"),
+        }
+        if not self._urls["train"]:
+            raise ShardFormatError(f"no training shards: give shards=... or a manifest with a train split ({self.manifest_location})")
+        self._counts = self._shard_counts()
+
+        # text: stored encodings, or encoders run on the fly
+        self._text = None
+        specs = text_encoders
+        if specs is None and not self.spec.encodings:
+            specs = [e["path"] for e in (self.manifest.get("text") or {}).get("encoders", [])]
+            if not specs:
+                raise ShardFormatError(f"{self.manifest_location}: the shards hold no text encodings and name no encoders: give text_encoders=[...]")
+            lengths = [e.get("max_length") for e in self.manifest["text"]["encoders"]]
+        else:
+            lengths = None
+        if specs:
+            from flowmatch.text.encoders import build_text_encoders
+
+            self._text = build_text_encoders(specs, lengths)
+        self._autoencoder = None
+
+    # ---- manifest and shard lists ----
+    @staticmethod
+    def _locate_manifest(shards, data_dir, manifest) -> str:
+        if manifest is not None:
+            return manifest
+        if data_dir is not None:
+            return str(Path(data_dir) / MANIFEST_NAME)
+        urls = _expand(shards)
+        if not urls:
+            raise ShardFormatError("give data_dir (a folder with manifest.json), manifest=..., or shards=...")
+        first = urls[0]
+        if not _is_url(first):
+            return str(Path(first).parent / MANIFEST_NAME)
+        if first.startswith("pipe:"):
+            raise ShardFormatError(f"cannot guess the manifest of {first!r}: give manifest=PATH_OR_URL")
+        return first.rsplit("/", 1)[0] + "/" + MANIFEST_NAME
+
+    def _join(self, name: str) -> str:
+        if _is_url(self._base):
+            return self._base.rstrip("/") + "/" + name
+        return str(Path(self._base) / name)
+
+    def _manifest_urls(self, split: str) -> list[str]:
+        return [self._join(n) for n in self.manifest["splits"].get(split, {}).get("shards", [])]
+
+    def _shard_counts(self) -> dict[str, int]:
+        """Samples per shard URL, from the manifest (by file name); shards it does not name are left out."""
+        counts: dict[str, int] = {}
+        for split in SPLITS:
+            info = self.manifest["splits"].get(split, {})
+            for name, n in zip(info.get("shards", []), info.get("counts", [])):
+                counts[name] = int(n)
+        return counts
+
+    def num_samples(self, split: str) -> int | None:
+        """Samples in a split's shards, from the manifest (None if a shard is not in it)."""
+        total = 0
+        for url in self._urls[split]:
+            name = url.rsplit("/", 1)[-1]
+            if name not in self._counts:
+                return None
+            total += self._counts[name]
+        return total
+
+    def _check_local_shards(self, split: str) -> None:
+        missing = [u for u in self._urls[split] if not _is_url(u) and not Path(u.removeprefix("file:")).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} {split} shard(s) missing, e.g. {missing[0]} (manifest {self.manifest_location})")
+
+    # ---- facts the CLI links into the model ----
+    @property
+    def sample_shape(self) -> list[int]:
+        """(C, h, w) of one latent."""
+        return [int(v) for v in self.manifest["latent"]["shape"]]
+
+    @property
+    def num_channels(self) -> int:
+        return self.sample_shape[0]
+
+    @property
+    def pooled_dim(self) -> int:
+        return self._text.pooled_dim if self._text is not None else self.spec.pooled_dim
+
+    @property
+    def context_dim(self) -> int:
+        return self._text.context_dim if self._text is not None else self.spec.context_dim
+
+    @property
+    def context_length(self) -> int:
+        return self._text.context_length if self._text is not None else self.spec.context_length
+
+    @property
+    def conditional(self) -> bool:
+        return False  # text-conditioned, not class-conditioned: cond is the text dict, not the label
+
+    # ---- Lightning hooks ----
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", SPLITS)
+        for split in splits:
+            self._check_local_shards(split)
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return
+        if trainer.lightning_module is not None:
+            self.check_model(trainer.lightning_module)
+        if not any(isinstance(cb, DataHealthLogger) for cb in trainer.callbacks):
+            trainer.callbacks.append(DataHealthLogger())
+
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
+
+    def check_model(self, module) -> None:
+        """Raise ManifestMismatchError (naming the manifest) if the shards do not fit the model's network."""
+        net = getattr(module, "net", module)
+        c, h, w = self.sample_shape
+        problems = []
+        checks = (("in_channels", c, "latent channels (latent.shape[0])"), ("pooled_dim", self.pooled_dim, "text.pooled_dim"),
+                  ("context_dim", self.context_dim, "text.context_dim"))
+        for attr, have, what in checks:
+            want = getattr(net, attr, None)
+            if isinstance(want, int) and want != have:
+                problems.append(f"the network's {attr} is {want} but the shards' {what} is {have}")
+        patch = getattr(net, "patch_size", None)
+        if isinstance(patch, int) and (h % patch or w % patch):
+            problems.append(f"latent size {h}x{w} is not divisible by the network's patch_size {patch}")
+        shape = getattr(module, "sample_shape", None)
+        if shape is not None and tuple(shape) != (c, h, w):
+            problems.append(f"the model generates samples of shape {tuple(shape)} but the shards hold latents of shape {(c, h, w)}")
+        if problems:
+            raise ManifestMismatchError(f"shard set {self.manifest_location} does not fit the model: " + "; ".join(problems))
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def dataloader(self, split: str, rank: int | None = None, world_size: int | None = None, num_workers: int | None = None):
+        """The loader of a split for one rank (default: this process's rank). Train: TrainLoader; val / test: EvalLoader."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
+        r, w = self._rank()
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+        workers = self.num_workers if num_workers is None else num_workers
+        urls = self._urls[split]
+        if not urls:
+            raise ShardFormatError(f"no {split} shards (manifest {self.manifest_location})")
+        use_enc = self.spec.encodings and self._text is None
+        common = dict(spec=self.spec, shift=self.shift, scale=self.scale, rank=rank, world_size=world_size, seed=self.seed,
+                      synthetic_prob=self.synthetic_prob, use_encodings=use_enc)
+        if split == "train":
+            n = self.num_samples("train")
+            steps = self.steps_per_epoch
+            if steps is None:
+                if n is None:
+                    raise ShardFormatError("the training shards are not in the manifest: give steps_per_epoch")
+                steps = max(1, math.ceil(n / (self.batch_size * world_size)))
+            stream = ShardStream(urls, mode="train", shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size,
+                                 resampled=self.resampled, **common)
+            return TrainLoader(stream, steps, workers, self.pin_memory)
+        stream = ShardStream(urls, mode="eval", **common)
+        sizes = self._eval_plan(split, rank, world_size)
+        return EvalLoader(stream, self.val_batch_size, sizes, workers, self.pin_memory)
+
+    def _eval_plan(self, split: str, rank: int, world_size: int) -> list[int] | None:
+        """Batch sizes for this rank: its share of the split (index % world == rank), in the same number of batches on every rank."""
+        n = self.num_samples(split)
+        if n is None:
+            return None
+        if world_size == 1:
+            return [min(self.val_batch_size, n - lo) for lo in range(0, n, self.val_batch_size)]
+        per_rank = [len(range(r, n, world_size)) for r in range(world_size)]
+        if min(per_rank) == 0:
+            raise ShardFormatError(f"the {split} split has {n} samples, fewer than the {world_size} ranks")
+        num_batches = math.ceil(max(per_rank) / self.val_batch_size)
+        return plan_batches(per_rank[rank], self.val_batch_size, num_batches)
+
+    def train_dataloader(self):
+        return self.dataloader("train")
+
+    def val_dataloader(self):
+        return self.dataloader("val")
+
+    def test_dataloader(self):
+        return self.dataloader("test")
+
+    def _stage(self) -> str:
+        trainer = self._trainer_or_none()
+        if trainer is None or trainer.training:
+            return "train"
+        return "test" if trainer.testing else "val"
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Take the skip counts out of the batch, add them up, stop if too much was bad."""
+        if isinstance(batch, dict) and "_skipped" in batch:
+            stage = self._stage()
+            read, skipped, errors = (int(batch.pop(k)) for k in ("_read", "_skipped", "_shard_errors"))
+            self.health.update(stage, read, skipped, errors)
+            bad = self.health.too_bad(stage)
+            trainer = self._trainer_or_none()
+            if trainer is not None and trainer.world_size > 1 and stage == "train":
+                bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # every rank stops together
+            if bad:
+                raise self.health.error(stage, f"data ({stage} shards of {self.manifest_location})")
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Encode the captions on the batch's device when the shards' encodings are not used."""
+        if self._text is not None and isinstance(batch, dict) and "caption" in batch:
+            batch["cond"] = self.encode_captions(batch["caption"], device=batch["x0"].device)
+        return batch
+
+    def encode_captions(self, captions: list[str], device: torch.device | str = "cpu") -> dict:
+        """The conditioning dict of a list of captions with the on-the-fly text encoders."""
+        if self._text is None:
+            raise RuntimeError("this data module uses the shards' stored encodings; it has no text encoders loaded")
+        self._text.to(device)
+        return self._text.encode(list(captions)).as_cond()
+
+    # ---- decoding and reference data ----
+    @property
+    def autoencoder(self):
+        if self._autoencoder is None:
+            from flowmatch.autoencoders.base import load_autoencoder
+
+            self._autoencoder = load_autoencoder(self.hparams.autoencoder or self.manifest["autoencoder"]["spec"]).eval()
+        return self._autoencoder
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, C_img, H, W) in [-1, 1]: un-normalise, then the autoencoder's decoder."""
+        ae = self.autoencoder.to(latents.device)
+        z = latents.float() / self.scale + self.shift
+        return ae.decode(z).clamp(-1, 1)
+
+    def reference_batch(self, n: int, split: str = "val") -> dict:
+        """The first ``n`` samples of a split (in shard order, fixed captions) as one batch, the same on every call."""
+        loader = self.dataloader(split, rank=0, world_size=1, num_workers=0)
+        loader.sizes = None
+        loader.batch_size = n
+        for batch in loader:
+            for k in ("_read", "_skipped", "_shard_errors"):
+                batch.pop(k)
+            if self._text is not None:
+                batch["cond"] = self.encode_captions(batch["caption"])
+            return batch
+        raise ShardFormatError(f"the {split} split yielded no samples")
+
+    def reference_samples(self, n: int, split: str = "val", return_labels: bool = False):
+        """``n`` held-out normalised latents (n, C, h, w) (and labels) for sample metrics in latent space."""
+        batch = self.reference_batch(n, split)
+        labels = batch.get("label", torch.full((batch["x0"].shape[0],), -1, dtype=torch.int64))
+        return (batch["x0"], labels) if return_labels else batch["x0"]
+
+    def reference_images(self, n: int, split: str = "val") -> torch.Tensor:
+        """``n`` held-out images (n, C_img, H, W) in [-1, 1], decoded from the split's latents, for image metrics."""
+        return self.decode(self.reference_batch(n, split)["x0"])
+
+
+def _prepare_once(data_dir: str, source: str) -> None:
+    """Write the shard set in data_dir from ``source`` unless its manifest exists; one process writes, the others wait."""
+    out = Path(data_dir)
+    if (out / MANIFEST_NAME).is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / MANIFEST_NAME).is_file():
+                from flowmatch.data.prepare import PrepareConfig, prepare_shards
+
+                print(f"no shards in {out}: writing them from {source!r} (python -m flowmatch prepare --source {source} --out {out})")
+                prepare_shards(PrepareConfig(source=source, out=str(out), progress=os.environ.get("CI") is None))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
