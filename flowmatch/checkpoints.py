@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from flowmatch.atomic_io import atomic_write
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from flowmatch.objectives.base import FlowObjective
@@ -270,25 +272,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     A crash at any moment leaves either the previous file or the complete new one, never a
     half-written file under the final name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    with atomic_write(path) as f:
+        torch.save(obj, f)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while writing
         stale.unlink(missing_ok=True)
 

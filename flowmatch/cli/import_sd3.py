@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -125,22 +123,6 @@ def checkpoint_dict(model, init_args: dict, config: dict, objective: str, dtype)
     }
 
 
-def save_atomic(obj: dict, out: Path) -> None:
-    """torch.save into a temporary file beside ``out``, then rename it over ``out``."""
-    import torch
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def import_sd3(directory: str | Path, out: str | Path, objective: str = "rf", dtype: str = "float32", force: bool = False) -> dict:
     """Convert and write; returns a summary dict. Raises on any problem (the CLI prints it)."""
     import torch
@@ -171,7 +153,9 @@ def import_sd3(directory: str | Path, out: str | Path, objective: str = "rf", dt
         diff = sorted(set(rebuilt).symmetric_difference(ours)) or sorted(k for k in ours if rebuilt[k].shape != ours[k].shape)
         raise RuntimeError(f"internal error: MMDiT({init_args}) does not rebuild the imported model (differs at {diff[:5]})")
 
-    save_atomic(checkpoint_dict(model, init_args, config, objective, getattr(torch, dtype)), out)
+    from flowmatch.checkpoints import atomic_torch_save
+
+    atomic_torch_save(checkpoint_dict(model, init_args, config, objective, getattr(torch, dtype)), out)
     return {
         "source": str(path),
         "out": str(out),

@@ -28,12 +28,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from flowmatch.atomic_io import fsync_dir
 from tqdm.auto import tqdm
 
 from flowmatch.reflow.format import (
     DTYPE,
     CouplingRecord,
-    _fsync_dir,
     shard_name,
     write_manifest,
     write_shard,
@@ -279,6 +280,6 @@ def generate_couplings(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     manifest["directory"] = str(out)
     return manifest

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from flowmatch.reflow.format import CouplingFormatError, iter_records, iter_shard, read_manifest, shard_paths
+from flowmatch.data.shards import TrainLoader
 
 
 def _passthrough(batch: dict) -> dict:
@@ -117,28 +118,6 @@ class _CouplingStream(IterableDataset):
             rest = perm[full:]
             pool = [(x0s[rest], epss[rest], None if conds is None else conds[rest])]
             pooled = len(rest)
-
-
-class _StreamLoader:
-    """Exactly ``steps`` batches per epoch from the endless stream, with a new shuffle every epoch."""
-
-    def __init__(self, stream: _CouplingStream, steps: int, num_workers: int):
-        self.stream, self.steps, self.num_workers = stream, steps, num_workers
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self):
-        self.stream.epoch = self.epoch
-        self.epoch += 1
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
-        it = iter(loader)
-        try:
-            for _ in range(self.steps):
-                yield next(it)
-        finally:
-            del it
 
 
 class CouplingDataModule(L.LightningDataModule):
@@ -274,7 +253,7 @@ class CouplingDataModule(L.LightningDataModule):
             if steps < 1:
                 raise ValueError(f"{self.num_train} training pairs make no full batch of {self.batch_size} on each of {world} ranks")
             stream = _CouplingStream(self.manifest, self.num_train, self.batch_size, self.shuffle_buffer, self.seed, rank, world)
-            return _StreamLoader(stream, steps, self.num_workers)
+            return TrainLoader(stream, steps, self.num_workers, pin_memory=False)
         from flowmatch.data.toy2d import ResumableShuffleSampler
 
         self._load(("train",))

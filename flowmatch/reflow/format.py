@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+
+from flowmatch.atomic_io import atomic_write
 
 FORMAT_NAME = "flowmatch-couplings"
 FORMAT_VERSION = 1
@@ -94,16 +95,6 @@ def _load_npy(data: bytes, where: str) -> np.ndarray:
         raise CouplingFormatError(f"{where}: not a readable .npy payload ({err})") from None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
 
 # --- writing ---------------------------------------------------------------------------------------
 def write_shard(path: str | Path, records: Iterable[CouplingRecord]) -> int:
@@ -113,29 +104,19 @@ def write_shard(path: str | Path, records: Iterable[CouplingRecord]) -> int:
     """
     import webdataset as wds
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    try:
-        with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-            for rec in records:
-                if rec.noise.shape[0] != rec.sample.shape[0] or (rec.cond is not None and rec.cond.shape[0] != rec.noise.shape[0]):
-                    raise ValueError(f"record {rec.first}: noise, sample and cond must hold the same number of pairs")
-                item = {"__key__": record_key(rec.first), NOISE: npy_bytes(rec.noise.astype(DTYPE, copy=False)),
-                        SAMPLE: npy_bytes(rec.sample.astype(DTYPE, copy=False))}
-                if rec.cond is not None:
-                    item[COND] = npy_bytes(rec.cond.astype(np.int64, copy=False))
-                writer.write(item)
-                count += len(rec)
-            writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    with atomic_write(path) as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        for rec in records:
+            if rec.noise.shape[0] != rec.sample.shape[0] or (rec.cond is not None and rec.cond.shape[0] != rec.noise.shape[0]):
+                raise ValueError(f"record {rec.first}: noise, sample and cond must hold the same number of pairs")
+            item = {"__key__": record_key(rec.first), NOISE: npy_bytes(rec.noise.astype(DTYPE, copy=False)),
+                    SAMPLE: npy_bytes(rec.sample.astype(DTYPE, copy=False))}
+            if rec.cond is not None:
+                item[COND] = npy_bytes(rec.cond.astype(np.int64, copy=False))
+            writer.write(item)
+            count += len(rec)
+        writer.close()
     return count
 
 
@@ -143,13 +124,8 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
     """Write DIR/manifest.json atomically."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
-    tmp = directory / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump({"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(directory)
     return path
 
 
