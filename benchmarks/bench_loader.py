@@ -3,12 +3,13 @@
   1. the streaming loader (LatentShardDataModule on the demo shards: tar reading, decoding, caption mixing,
      shuffling, batching; worker start-up included, as every epoch pays it),
   2. the same batches served from memory (a plain DataLoader over tensors: the ceiling of any loader),
-  3. a training step of a small MM-DiT (forward, backward, AdamW) consuming them,
+  3. a training step of the main job's MM-DiT (experiments/mmdit_d16.yaml: depth 4, QK-norm, bf16 autocast;
+     forward, backward, AdamW) consuming them,
 
 and the ratio loader / model (goal: >= 10x). Run from the repository root:
 
     python benchmarks/bench_loader.py                      # writes data/demo first if it is missing
-    python benchmarks/bench_loader.py --data data/demo --workers 0 2 --steps 40 --depth 2
+    python benchmarks/bench_loader.py --data data/demo --workers 0 1 2 --steps 40 --depth 4 --precision bf16
 """
 
 from __future__ import annotations
@@ -45,19 +46,21 @@ def memory_rate(batches: list[dict], batch_size: int, repeats: int = 5) -> float
     return n / (time.perf_counter() - start)
 
 
-def model_rate(dm, batches: list[dict], depth: int, hidden: int | None, steps: int) -> tuple[float, int]:
+def model_rate(dm, batches: list[dict], depth: int, hidden: int | None, steps: int, bf16: bool) -> tuple[float, int]:
     from flowmatch.networks.mmdit import MMDiT
     from flowmatch.objectives.rectified_flow import RectifiedFlow
 
     torch.manual_seed(0)
-    net = MMDiT(depth=depth, hidden_size=hidden, in_channels=dm.num_channels, pooled_dim=dm.pooled_dim, context_dim=dm.context_dim, pos_embed_max_size=8)
+    net = MMDiT(depth=depth, hidden_size=hidden, in_channels=dm.num_channels, pooled_dim=dm.pooled_dim, context_dim=dm.context_dim,
+                qk_norm=True, pos_embed_max_size=8)
     model = RectifiedFlow(net, sample_shape=dm.sample_shape)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
     def step(batch):
         opt.zero_grad(set_to_none=True)
-        loss = model.training_step(batch, 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what precision: bf16-mixed does
+            loss = model.training_step(batch, 0)
         loss.backward()
         opt.step()
 
@@ -78,7 +81,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--steps", type=int, default=40, help="batches per loader measurement")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to measure")
-    p.add_argument("--depth", type=int, default=2, help="MM-DiT depth (hidden = 64 * depth unless --hidden)")
+    p.add_argument("--depth", type=int, default=4, help="MM-DiT depth (hidden = 64 * depth unless --hidden); 4 = the main job's")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="the model step's precision (the main job: bf16 autocast)")
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--model_steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -101,9 +105,9 @@ def main() -> None:
         for name, w in zip(names, args.workers):
             best[name] = max(best[name], stream_rate(dm, args.steps, w))
         best[names[-1]] = max(best[names[-1]], memory_rate(batches, args.batch_size))
-        r, params = model_rate(dm, batches, args.depth, args.hidden, args.model_steps)
+        r, params = model_rate(dm, batches, args.depth, args.hidden, args.model_steps, args.precision == "bf16")
         rate = max(rate, r)
-    model_name = f"MM-DiT depth {args.depth} ({params / 1e6:.1f}M params) training step"
+    model_name = f"MM-DiT depth {args.depth} ({params / 1e6:.1f}M params, {args.precision}) training step"
     rows = [(name, best[name]) for name in names] + [(model_name, rate)]
 
     c, h, w = dm.sample_shape

@@ -416,19 +416,24 @@ class LatentShardDataModule(lightning.LightningDataModule):
 
         # text: stored encodings, or encoders run on the fly
         self._text = None
-        specs = text_encoders
+        self._prompt_text = None  # the manifest's encoders, loaded on first use to encode new captions (prompts)
+        specs, lengths = text_encoders, None
         if specs is None and not self.spec.encodings:
-            specs = [e["path"] for e in (self.manifest.get("text") or {}).get("encoders", [])]
-            if not specs:
+            if not (self.manifest.get("text") or {}).get("encoders"):
                 raise ShardFormatError(f"{self.manifest_location}: the shards hold no text encodings and name no encoders: give text_encoders=[...]")
-            lengths = [e.get("max_length") for e in self.manifest["text"]["encoders"]]
-        else:
-            lengths = None
+            specs, lengths = self._manifest_encoders()
         if specs:
             from flowmatch.text.encoders import build_text_encoders
 
             self._text = build_text_encoders(specs, lengths)
         self._autoencoder = None
+
+    def _manifest_encoders(self) -> tuple[list[str], list[int | None]]:
+        """The text encoders the manifest names (specs, max_lengths): those that wrote the shards' encodings."""
+        encoders = (self.manifest.get("text") or {}).get("encoders", [])
+        if not encoders:
+            raise ShardFormatError(f"{self.manifest_location}: the manifest names no text encoders: give text_encoders=[...]")
+        return [e["path"] for e in encoders], [e.get("max_length") for e in encoders]
 
     # ---- manifest and shard lists ----
     @staticmethod
@@ -626,11 +631,17 @@ class LatentShardDataModule(lightning.LightningDataModule):
         return batch
 
     def encode_captions(self, captions: list[str], device: torch.device | str = "cpu") -> dict:
-        """The conditioning dict of a list of captions with the on-the-fly text encoders."""
-        if self._text is None:
-            raise RuntimeError("this data module uses the shards' stored encodings; it has no text encoders loaded")
-        self._text.to(device)
-        return self._text.encode(list(captions)).as_cond()
+        """The conditioning dict of a list of captions: with the on-the-fly text encoders, or (shards with stored
+        encodings) with the encoders the manifest names, loaded on first use, so new captions match the stored ones."""
+        text = self._text
+        if text is None:
+            if self._prompt_text is None:
+                from flowmatch.text.encoders import build_text_encoders
+
+                self._prompt_text = build_text_encoders(*self._manifest_encoders()).eval()
+            text = self._prompt_text
+        text.to(device)
+        return text.encode(list(captions)).as_cond()
 
     # ---- decoding and reference data ----
     @property
@@ -644,9 +655,9 @@ class LatentShardDataModule(lightning.LightningDataModule):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, h, w) -> images (B, C_img, H, W) in [-1, 1]: un-normalise, then the autoencoder's decoder."""
-        ae = self.autoencoder.to(latents.device)
-        z = latents.float() / self.scale + self.shift
-        return ae.decode(z).clamp(-1, 1)
+        from flowmatch.data.latent_info import decode_latents
+
+        return decode_latents(self.autoencoder, latents, self.shift, self.scale)
 
     def reference_batch(self, n: int, split: str = "val") -> dict:
         """The first ``n`` samples of a split (in shard order, fixed captions) as one batch, the same on every call."""

@@ -1,0 +1,197 @@
+"""Sample quality of image models: Fréchet distance and caption adherence per sampler, a sample grid, a table.
+
+At the end of each validation / test epoch the model generates images for the held-out split and
+for label captions, with every sampler setting, and compares them with the split's real images:
+
+- Fréchet distance (``{stage}/fd_{sampler}``) in the feature space of a network given by path
+  (torchmetrics' FrechetInceptionDistance with a custom feature module; for the demo a small digit
+  classifier trained on the training split). The held-out split is cut into two disjoint halves A and
+  B (even / odd positions): the model draws one image for each caption of A and is compared with B,
+  and ``{stage}/fd_real`` = FD(A, B) is the floor that real images of the same count reach;
+  ``{stage}/fd_ratio_{sampler}`` = FD / floor (1 is as good as real data at this sample size).
+- caption adherence: the share of images generated for the label captions ("a 7", ``per_class`` each)
+  that the classifier assigns to the captioned class (``{stage}/caption_acc_{sampler}``), and the same
+  for the held-out half's synthetic captions ("a thick, upright seven ...": ``caption_acc_syn_{sampler}``).
+- ``{stage}/nfe_{sampler}``: network evaluations per image (guidance counts its two passes as one).
+
+Sampler names come from the compact specs: "euler25", "euler25:cfg=3" -> euler25_cfg3, "dopri5".
+The noise is seeded, so numbers and pictures are comparable across validations and runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from flowmatch.callbacks.common import parse_samplers
+from flowmatch.callbacks.plots import image_grid
+from flowmatch.tracking import log_image_to_loggers
+
+
+def digit_captions(num_classes: int = 10) -> list[str]:
+    """The demo's label captions "a 0" ... "a 9" (its original captions)."""
+    from flowmatch.data.digits import original_caption
+
+    return [original_caption(k) for k in range(num_classes)]
+
+
+def _concat_cond(a: dict, b: dict) -> dict:
+    return {k: torch.cat([a[k], b[k]]) for k in a if a[k] is not None and k in b}
+
+
+def _take(cond: dict, idx: torch.Tensor) -> dict:
+    return {k: v[idx] for k, v in cond.items() if v is not None}
+
+
+class ImageSampleMetrics(L.Callback):
+    """Fréchet distance, caption adherence and a sample grid per sampler at each validation / test (see module doc).
+
+    Args:
+        samplers: sampler specs SOLVER[STEPS][:cfg=W][:shift=A], evaluated at every validation during fit
+            and by `validate`, e.g. ["euler25:cfg=3"].
+        test_samplers: specs for `test` (default: ``samplers``), e.g. Euler 1/2/5/25 and dopri5, each with
+            and without guidance.
+        feature_network: checkpoint of the feature network (a classifier for caption adherence), or a
+            TorchScript file mapping images to features (then no caption adherence is reported).
+        feature_network_config: a `fit` config that trains the feature network when ``feature_network``
+            does not exist yet (for the demo: configs/classifier/digits.yaml); None = it must exist.
+        class_captions: caption of each class, index = class (default: the demo's "a 0" ... "a 9").
+        per_class: images generated per class caption.
+        seed: seed of the sampling noise.
+        plot: log a grid (one row of real held-out images, then one row per sampler, one column per class caption).
+        print_table: print a table of the numbers at the end of `validate` / `test`.
+    """
+
+    def __init__(
+        self,
+        samplers: list[str] = ["euler25:cfg=3"],
+        test_samplers: list[str] | None = None,
+        feature_network: str = "runs/feature_networks/digit_classifier.ckpt",
+        feature_network_config: str | None = "configs/classifier/digits.yaml",
+        class_captions: list[str] | None = None,
+        per_class: int = 10,
+        seed: int = 1234,
+        plot: bool = True,
+        print_table: bool = True,
+    ):
+        self.samplers = parse_samplers(samplers)
+        self.test_samplers = parse_samplers(test_samplers) if test_samplers else self.samplers
+        self.feature_network_path, self.feature_network_config = feature_network, feature_network_config
+        self.class_captions = list(class_captions) if class_captions is not None else digit_captions()
+        if per_class < 1:
+            raise ValueError(f"per_class must be >= 1, got {per_class}")
+        self.per_class, self.seed, self.plot, self.print_table = per_class, seed, plot, print_table
+        self._features = None
+        self._reference: dict[str, dict] = {}
+        self.last: dict[str, float] = {}  # the latest numbers, for tests and summaries
+
+    # ---- set-up: the feature network, the held-out reference ----
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from flowmatch.metrics.frechet import ensure_feature_network, load_feature_network
+
+        path = ensure_feature_network(self.feature_network_path, self.feature_network_config)
+        self._features = load_feature_network(path)
+
+    def _reference_for(self, trainer, split: str) -> dict:
+        """The split's halves A / B as images, A's conditions, the label captions' conditions, and FD(A, B)."""
+        if split in self._reference:
+            return self._reference[split]
+        from flowmatch.metrics.frechet import frechet_distance
+
+        dm = trainer.datamodule
+        for need in ("reference_batch", "decode", "encode_captions", "num_samples"):
+            if not hasattr(dm, need):
+                raise RuntimeError(f"ImageSampleMetrics needs a data module with {need}() (e.g. LatentShardDataModule), got {type(dm).__name__}")
+        n = dm.num_samples(split)
+        batch = dm.reference_batch(n or 512, split=split)
+        if batch["x0"].shape[0] < 4:
+            raise RuntimeError(f"the {split} split has {batch['x0'].shape[0]} samples: too few for a Fréchet distance")
+        if "label" not in batch:
+            raise RuntimeError(f"the {split} shards carry no labels: caption adherence needs them")
+        images = dm.decode(batch["x0"]).float().cpu()
+        idx = torch.arange(images.shape[0])
+        a, b = idx[0::2][: len(idx[1::2])], idx[1::2]  # equal halves
+        label_caps = [cap for cap in self.class_captions for _ in range(self.per_class)]
+        ref = {
+            "real_a": images[a], "real_b": images[b], "labels_a": batch["label"][a], "synthetic_a": batch["synthetic"][a],
+            "cond_a": _take(batch["cond"], a),
+            "cond_labels": dm.encode_captions(label_caps),
+            "labels_l": torch.arange(len(self.class_captions)).repeat_interleave(self.per_class),
+        }
+        ref["fd_real"] = frechet_distance(ref["real_a"], ref["real_b"], self._features)
+        self._reference[split] = ref
+        return ref
+
+    # ---- the evaluation ----
+    def _evaluate(self, trainer, pl_module, stage: str, samplers) -> None:
+        if trainer.sanity_checking:
+            return
+        from flowmatch.metrics.frechet import frechet_distance
+
+        dm = trainer.datamodule
+        ref = self._reference_for(trainer, "test" if stage == "test" else "val")
+        cond = _concat_cond(ref["cond_a"], ref["cond_labels"])
+        cond = {k: v.to(pl_module.device) for k, v in cond.items()}
+        n_a = ref["real_a"].shape[0]
+        classifies = self._features.num_classes > 0
+        values: dict[str, float] = {f"{stage}/fd_real": ref["fd_real"]}
+        rows, table = [ref["real_b"][: len(self.class_captions)]], []
+        for sampler in samplers:
+            start = time.time()
+            x, nfe = pl_module.generate(cond["pooled"].shape[0], sampler, cond=cond, seed=self.seed)
+            images = dm.decode(x.float()).float().cpu()
+            gen_a, gen_l = images[:n_a], images[n_a:]
+            name = sampler.name
+            fd = frechet_distance(gen_a, ref["real_b"], self._features)
+            row = {"sampler": name, "nfe": nfe, "fd": fd, "fd_ratio": fd / max(ref["fd_real"], 1e-12)}
+            if classifies:
+                pred_l = self._features.predict(gen_l)
+                row["caption_acc"] = float((pred_l == ref["labels_l"]).float().mean())
+                syn = ref["synthetic_a"]
+                if bool(syn.any()):
+                    pred_a = self._features.predict(gen_a)
+                    row["caption_acc_syn"] = float((pred_a[syn] == ref["labels_a"][syn]).float().mean())
+            row["seconds"] = time.time() - start
+            for key in ("nfe", "fd", "fd_ratio", "caption_acc", "caption_acc_syn"):
+                if key in row:
+                    values[f"{stage}/{key}_{name}"] = float(row[key])
+            table.append(row)
+            rows.append(gen_l[:: self.per_class])  # the first image of each class caption
+        for key, value in values.items():
+            pl_module.log(key, value)
+        self.last.update(values)
+        if self.plot:
+            grid = image_grid(torch.cat(rows).numpy(), ncols=len(self.class_captions))
+            key = "samples" if stage == "val" else f"{stage}_samples"
+            log_image_to_loggers(trainer, grid, key=key, step=trainer.global_step)
+        fn = getattr(trainer.state.fn, "value", trainer.state.fn)
+        if self.print_table and fn in ("validate", "test") and trainer.is_global_zero:
+            print(format_table(table, ref["fd_real"], stage, weights="EMA" if _uses_ema(trainer) else "trained"))
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._evaluate(trainer, pl_module, "val", self.samplers)
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self._evaluate(trainer, pl_module, "test", self.test_samplers)
+
+
+def _uses_ema(trainer) -> bool:
+    from flowmatch.callbacks.ema import EMA
+
+    return any(isinstance(cb, EMA) and cb.use_for_eval for cb in trainer.callbacks)
+
+
+def format_table(rows: list[dict], fd_real: float, stage: str, weights: str) -> str:
+    """The numbers of one evaluation as a fixed-width text table."""
+    head = f"{'sampler':<22}{'NFE':>6}{'FD':>9}{'FD/real':>9}{'caption acc':>13}{'synthetic':>11}{'seconds':>9}"
+    lines = [f"{stage}: sample quality ({weights} weights; FD of real vs real held-out halves = {fd_real:.3f})", head, "-" * len(head)]
+    for r in rows:
+        acc = f"{100 * r['caption_acc']:.1f}%" if "caption_acc" in r else "-"
+        syn = f"{100 * r['caption_acc_syn']:.1f}%" if "caption_acc_syn" in r else "-"
+        lines.append(f"{r['sampler']:<22}{r['nfe']:>6}{r['fd']:>9.3f}{r['fd_ratio']:>9.2f}{acc:>13}{syn:>11}{r['seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+__all__ = ["ImageSampleMetrics", "digit_captions", "format_table"]
