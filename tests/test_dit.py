@@ -184,3 +184,20 @@ def test_gradient_checkpointing_same_gradients():
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-5)
 
+
+
+def test_text_condition_dict_uses_the_pooled_vector():
+    """On latent/caption shards a DiT gets the text dict {"pooled", "tokens", "mask"}: it conditions on the pooled vector only."""
+    torch.manual_seed(0)
+    net = DiT(size=None, depth=2, hidden_size=64, num_heads=2, in_channels=16, input_size=8, pooled_dim=384).eval()
+    for p in net.parameters():  # leave adaLN-Zero's zero start so the condition matters
+        torch.nn.init.normal_(p, std=0.05)
+    z, t = torch.randn(3, 16, 8, 8), torch.rand(3)
+    cond = {"pooled": torch.randn(3, 384), "tokens": torch.randn(3, 5, 384), "mask": torch.ones(3, 5, dtype=torch.bool)}
+    assert torch.equal(net(z, t, cond), net(z, t, cond["pooled"]))
+    null = net.null_condition(cond)
+    assert sorted(null) == ["mask", "pooled", "tokens"] and torch.equal(null["pooled"], torch.zeros(3, 384))
+    assert not torch.allclose(net(z, t, null), net(z, t, cond))
+    labels = DiT(size=None, depth=1, hidden_size=64, num_heads=2, in_channels=16, input_size=8, num_classes=10)
+    with pytest.raises(ValueError, match="must carry 'pooled'"):
+        labels(z, t, cond)

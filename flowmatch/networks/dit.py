@@ -96,7 +96,8 @@ class DiT(nn.Module):
     ``cond`` is, by construction: class labels (int64 (B,), with ``num_classes > 0``; the null class is
     index ``num_classes``), a pooled text vector (float (B, pooled_dim), with ``pooled_dim > 0``; null =
     zeros or learned), or ignored (both 0: unconditional). ``cond=None`` on a conditional model means
-    the null condition for every sample.
+    the null condition for every sample. A text-conditioned DiT also takes the text condition dict of
+    the latent/caption shards (``{"pooled", "tokens", "mask"}``) and uses its pooled vector only.
     """
 
     def __init__(
@@ -189,6 +190,8 @@ class DiT(nn.Module):
         """The unconditional counterpart of a batch's cond (null class labels / null pooled vectors)."""
         if cond is None or self.y_embedder is None:
             return None
+        if isinstance(cond, dict):  # the shards' text condition: only its pooled vector is used
+            return {**cond, "pooled": self.null_condition(self._pooled(cond))}
         if self.num_classes:
             return torch.full_like(cond, self.num_classes)
         return self.cond_dropout.null_like(cond)
@@ -206,6 +209,8 @@ class DiT(nn.Module):
         c = self.t_embedder(t)
         if self.y_embedder is None:
             return c
+        if isinstance(cond, dict):
+            cond = self._pooled(cond)
         dtype = param_dtype(self)
         if cond is None:  # conditional model called without a condition: use the null condition
             if self.num_classes:
@@ -217,6 +222,12 @@ class DiT(nn.Module):
             return c + self.y_embedder(self.drop_condition(cond))
         check_pooled(cond, batch, self.pooled_dim, "DiT", key="pooled vector")
         return c + self.y_embedder(self.drop_condition(cond).to(dtype))
+
+    def _pooled(self, cond: dict) -> torch.Tensor:
+        if self.num_classes or "pooled" not in cond:
+            raise ValueError(f"DiT got a condition dict with keys {sorted(cond)}: a dict must carry 'pooled', "
+                             f"for a DiT with pooled_dim > 0 (this one has num_classes={self.num_classes}, pooled_dim={self.pooled_dim})")
+        return cond["pooled"]
 
     def _check_labels(self, labels: object, batch: int) -> None:
         """Class labels: an integer tensor (batch,) with values in 0..num_classes (num_classes = the null class)."""
@@ -230,7 +241,7 @@ class DiT(nn.Module):
             )
 
     # ---- forward ------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | dict | None = None) -> torch.Tensor:
         """Velocity / noise prediction for latents z (B, C, H, W) at times t (B,); output shaped like z."""
         h, w = check_latents(z, self.in_channels, self.patch_size, self.pos_embed.max_size, "DiT", f"input_size={self.input_size}")
         b = z.shape[0]
