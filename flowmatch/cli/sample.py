@@ -1,45 +1,89 @@
-"""`python -m flowmatch sample`: draw samples from a trained checkpoint with any solver.
+"""`python -m flowmatch sample`: draw samples from a trained checkpoint with any solver; text-to-image for
+models trained on latent/caption shards.
 
-Writes OUT/samples.npy (float32, shape (num, *sample_shape)), OUT/samples.json (settings, NFE,
-seconds) and a picture: OUT/samples.png (a scatter plot for 2-D data, an image grid for images).
+Image models (trained on latent shards): the checkpoint records its text encoders, autoencoder and latent
+normalisation (or give --data_dir / --manifest of the shards). Prompts are encoded, latents generated and
+decoded to images:
+
+    python -m flowmatch sample --ckpt last.ckpt --prompts "a 7" "a thick three" --num 4 --steps 25 --guidance 4 --out samples/
+
+writes OUT/images/0000_a-7.png ... (one PNG per image, prompt by prompt), OUT/grid.png (one row per
+prompt; column j starts from the same noise in every row), OUT/samples.npy (decoded images, float32
+(N, C, H, W) in [-1, 1]), OUT/latents.npy (the generated normalised latents) and OUT/samples.json
+(settings, prompts, NFE, seconds). --num is the number of images per prompt. --prompts_file takes one
+prompt per line. A prompt longer than a text encoder's max_length is truncated, with a warning.
+Without prompts a text-conditioned model samples unconditionally (the null condition it was trained
+with for dropped captions), --num images.
+
+Other models (2-D points, class labels, pixel images, latent models that record no data): OUT/samples.npy
+(float32, shape (num, *sample_shape)), OUT/samples.json and a picture OUT/samples.png (a scatter plot
+for 2-D data, an image grid for images).
+
+Bad input (an unknown solver, steps < 1, guidance < 0, prompts for a model that takes no text, a missing
+prompts file or checkpoint, a checkpoint of another model) is an error with exit code 2 that writes nothing.
 """
 
+import argparse
 import json
+import math
 import sys
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 from flowmatch.sampling import SOLVERS, SamplerConfig
 from flowmatch.sampling.time_grid import GRID_KINDS
 
+DEFAULT_NUM = {"arrays": 2000, "prompts": 4, "images": 16}
+DEFAULT_BATCH = {"arrays": 4096, "images": 64}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description (this module's docstring) kept as written."""
+
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m flowmatch sample", description=__doc__, exit_on_error=True)
+    p = ArgumentParser(prog="python -m flowmatch sample", description=__doc__, exit_on_error=True, formatter_class=_HelpFormatter)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
     p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by `python -m flowmatch fit` (or import-sd3)")
     p.add_argument("--out", type=str, default="samples", help="output directory (created if missing)")
-    p.add_argument("--num", type=int, default=2000, help="number of samples")
+    p.add_argument("--prompts", type=str, default=None, nargs="+",
+                   help='text prompts for a text-conditioned image model, e.g. --prompts "a 7" "a thick three"')
+    p.add_argument("--prompts_file", type=str | None, default=None, help="a text file of prompts, one per line (blank lines skipped)")
+    p.add_argument("--negative_prompt", type=str | None, default=None,
+                   help="with --guidance != 1: guide away from this prompt instead of from the unconditional model")
+    p.add_argument("--num", type=int | None, default=None,
+                   help="images per prompt when prompts are given (default 4); otherwise the number of samples "
+                        "(default 2000, or 16 unconditional images)")
     p.add_argument("--solver", type=str, default="euler", help=f"ODE solver: one of {', '.join(SOLVERS)}")
     p.add_argument("--steps", type=int, default=25, help="solver steps (ignored by the adaptive dopri5)")
     p.add_argument("--shift", type=float, default=1.0, help="SD3 resolution shift alpha of the time grid (1 = none; SD3 uses 3 at 1024^2)")
     p.add_argument("--grid", type=str, default="plain", help=f"time grid: one of {', '.join(GRID_KINDS)} (sd3 = SD3's reference sigmas)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w >= 0 (1 = off, 0 = unconditional)")
     p.add_argument("--labels", type=list[int] | None, default=None, help="class labels for a class-conditional model, cycled over the samples, e.g. [0,3]")
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--batch_size", type=int, default=4096, help="samples integrated at once")
+    p.add_argument("--batch_size", type=int | None, default=None, help="samples integrated at once (default 4096; 64 for images)")
     p.add_argument("--device", type=str, default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--weights", type=Literal["auto", "ema", "raw"], default="auto",
                    help="which weights: the EMA weights (ema), the trained weights themselves (raw), or EMA when the checkpoint has them (auto)")
+    p.add_argument("--data_dir", type=str | None, default=None,
+                   help="shards the model was trained on (a folder with manifest.json): their text encoders, autoencoder and "
+                        "normalisation replace those the checkpoint records (needed for checkpoints that record none)")
+    p.add_argument("--manifest", type=str | None, default=None, help="the same, given as the manifest's path or URL")
+    p.add_argument("--upscale", type=int, default=0,
+                   help="PNG files: enlarge images by this integer factor, nearest neighbour (0 = auto: at least 128 pixels; 1 = none)")
     return p
 
 
+# --- conditions ---------------------------------------------------------------------------------------------
 def _conditions(model, labels: list[int] | None, num: int):
     classes = getattr(model.net, "num_classes", 0) or 0
     if labels is None:
@@ -52,6 +96,194 @@ def _conditions(model, labels: list[int] | None, num: int):
     return torch.tensor(labels, dtype=torch.long).repeat(num // len(labels) + 1)[:num]
 
 
+def _text_conditioned(net) -> bool:
+    """A network that takes the shards' text condition {"pooled", "tokens", "mask"}: one with text tokens
+    (MM-DiT, CrossDiT), or a DiT conditioned on a pooled text vector (it uses the dict's "pooled")."""
+    def positive(name: str) -> bool:
+        value = getattr(net, name, None)
+        return isinstance(value, int) and value > 0
+
+    return positive("context_dim") or (positive("pooled_dim") and not positive("num_classes"))
+
+
+def _check_text_fits(net, text, source: str) -> None:
+    """The encoders' widths and token count must be what the network takes."""
+    problems = []
+    for attr, have in (("pooled_dim", text.pooled_dim), ("context_dim", text.context_dim)):
+        want = getattr(net, attr, None)
+        if isinstance(want, int) and want and want != have:
+            problems.append(f"the network's {attr} is {want} but the text encoders give {have}")
+    if len(getattr(net, "token_keys", ("tokens",))) > 1:
+        problems.append("the network takes a second token stream (tokens_2), which prompt encoding does not produce")
+    limit = (getattr(net, "max_text_tokens", None) or (None,))
+    limit = limit[0] if isinstance(limit, tuple) else limit
+    if isinstance(limit, int) and text.context_length > limit:
+        problems.append(f"the encoders give {text.context_length} tokens but the network takes at most {limit} (max_text_tokens)")
+    if problems:
+        raise ValueError(f"the text encoders of {source} do not fit the model: " + "; ".join(problems))
+
+
+# --- everything checked and loaded before a file is written -------------------------------------------------
+@dataclass
+class Plan:
+    """What main() generates and writes, all of it validated."""
+
+    mode: str  # "arrays" | "images"
+    model: Any
+    config: SamplerConfig
+    num: int  # images per prompt (prompts), else total samples
+    batch_size: int
+    cond: Any = None  # arrays / label images: per-sample conditions (or None)
+    prompts: list[str] | None = None
+    prompt_cond: dict | None = None  # one row per prompt
+    negative_cond: dict | None = None  # one row
+    info: dict | None = None
+    info_source: str | None = None
+    text: Any = None
+    decoder: Any = None
+    notes: list[str] = field(default_factory=list)  # warnings shown on stderr and kept in samples.json
+
+
+def _check_numbers(args) -> None:
+    if args.num is not None and args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise ValueError(f"--guidance must be a finite number >= 0 (1 = off, 0 = unconditional), got {args.guidance}")
+    if args.upscale < 0:
+        raise ValueError(f"--upscale must be >= 0 (0 = auto), got {args.upscale}")
+    if args.data_dir is not None and args.manifest is not None:
+        raise ValueError("give --data_dir or --manifest, not both")
+
+
+def _data_info(args, model) -> tuple[dict | None, str | None]:
+    from flowmatch.data.latent_info import read_info
+
+    location = args.manifest or args.data_dir
+    if location is not None:
+        flag = "--manifest" if args.manifest else "--data_dir"
+        return read_info(location), f"{flag} {location}"
+    info = getattr(model, "data_info", None)
+    return (info, "checkpoint") if info else (None, None)
+
+
+def plan(args) -> Plan:
+    """Validate every option and load model, encoders and decoder; raises ValueError / OSError (nothing written)."""
+    from flowmatch.checkpoints import load_objective
+    from flowmatch.sampling.prompts import PromptError, encode_prompts, read_prompts
+
+    _check_numbers(args)
+    config = SamplerConfig(solver=args.solver, steps=args.steps, shift=args.shift, grid=args.grid, guidance=args.guidance,
+                           rtol=args.rtol, atol=args.atol)
+    prompts = read_prompts(args.prompts, args.prompts_file)
+    if prompts is not None and args.labels is not None:
+        raise ValueError("give --prompts or --labels, not both")
+    if args.negative_prompt is not None:
+        if prompts is None:
+            raise PromptError("--negative_prompt needs --prompts (or --prompts_file)")
+        if args.guidance == 1:
+            raise PromptError("--negative_prompt has no effect with --guidance 1 (guidance off): give --guidance, e.g. 4")
+    model = load_objective(args.ckpt, map_location=args.device, weights=args.weights)
+    net, name = model.net, type(model.net).__name__
+    text_model = _text_conditioned(net)
+    if prompts is not None and not text_model:
+        raise PromptError(f"{args.ckpt}: the model ({type(model).__name__} with a {name}) is not text-conditioned; drop --prompts / --prompts_file")
+    info, source = _data_info(args, model)
+    shape = tuple(model.sample_shape or ())
+    if info is not None and tuple(info["latent_shape"]) != shape:
+        raise ValueError(f"{source}: the shards hold latents of shape {tuple(info['latent_shape'])} but the model generates {shape}")
+    if info is None:
+        if prompts is not None:
+            raise PromptError(f"{args.ckpt} records no text encoders or autoencoder (it predates them, or was imported): "
+                              "give --data_dir DIR (or --manifest FILE) of the shards the model was trained on")
+        if text_model:
+            raise ValueError(f"{args.ckpt}: the model is text-conditioned but records no data (text encoders, autoencoder): "
+                             "give --prompts and --data_dir DIR (or --manifest FILE) of the shards it was trained on")
+        num = args.num or DEFAULT_NUM["arrays"]
+        return Plan("arrays", model, config, num, args.batch_size or DEFAULT_BATCH["arrays"], cond=_conditions(model, args.labels, num))
+
+    from flowmatch.data.latent_info import load_decoder, load_text_encoders
+
+    num = args.num or DEFAULT_NUM["prompts" if prompts is not None else "images"]
+    p = Plan("images", model, config, num, args.batch_size or DEFAULT_BATCH["images"], info=info, info_source=source,
+             prompts=prompts, cond=_conditions(model, args.labels, num))
+    p.decoder = load_decoder(info, args.device)
+    if text_model:
+        if prompts is None:
+            p.notes.append("no prompts: sampling unconditionally (the model's null condition)"
+                           + ("; --guidance has no effect" if config.guidance != 1 else ""))
+            p.config = SamplerConfig(**{**config.__dict__, "guidance": 1.0})
+        else:
+            p.text = load_text_encoders(info, args.device)
+            if p.text is None:
+                raise PromptError(f"{source} names no text encoders: the model cannot be given prompts")
+            _check_text_fits(net, p.text, source)
+            from flowmatch.text.encoders import TextTruncationWarning
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", TextTruncationWarning)
+                p.prompt_cond = encode_prompts(p.text, prompts, args.device)
+                if args.negative_prompt is not None:
+                    p.negative_cond = encode_prompts(p.text, [args.negative_prompt], args.device)
+            p.notes += [str(w.message) for w in caught if issubclass(w.category, TextTruncationWarning)]
+            for w in caught:
+                if not issubclass(w.category, TextTruncationWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return p
+
+
+# --- generation ----------------------------------------------------------------------------------------------
+def _null_text_condition(info: dict, net, n: int, device) -> dict:
+    """The network's unconditional text input for n samples (null pooled vector and null tokens, all unmasked)."""
+    template = {"pooled": torch.zeros(n, info["pooled_dim"] or net.pooled_dim, device=device),
+                "tokens": torch.zeros(n, info["context_length"] or 1, info["context_dim"] or net.context_dim, device=device),
+                "mask": torch.ones(n, info["context_length"] or 1, dtype=torch.bool, device=device)}
+    return net.null_condition(template)
+
+
+def _generate(model, n: int, config: SamplerConfig, cond, noise: torch.Tensor, negative=None):
+    """model.generate, with the unconditional branch of guidance replaced by ``negative`` (a condition) when given."""
+    if negative is None:
+        return model.generate(n, config, cond=cond, noise=noise, progress=False)
+    model.null_condition = lambda _cond: negative  # one batch row, broadcast by the guidance (instance attribute only)
+    try:
+        return model.generate(n, config, cond=cond, noise=noise, progress=False)
+    finally:
+        del model.null_condition
+
+
+def generate_images(p: Plan, seed: int, device: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(images (N, C, H, W), latents (N, c, h, w), nfe), prompt by prompt. Image j of every prompt starts from the same noise."""
+    from tqdm.auto import tqdm
+
+    from flowmatch.data.latent_info import decode_latents
+    from flowmatch.sampling.prompts import select
+
+    model, shape = p.model, tuple(p.model.sample_shape)
+    gen = torch.Generator().manual_seed(seed)
+    groups = len(p.prompts) if p.prompts is not None else 1
+    column_noise = torch.randn((p.num, *shape), generator=gen)
+    total = groups * p.num
+    images, latents, nfe = [], [], 0
+    starts = range(0, total, p.batch_size)
+    for lo in tqdm(starts, desc="sample", unit="batch", total=len(starts), file=sys.stderr, dynamic_ncols=True):
+        idx = torch.arange(lo, min(lo + p.batch_size, total))
+        n = len(idx)
+        noise = column_noise[idx % p.num]
+        if p.prompt_cond is not None:
+            cond = select(p.prompt_cond, idx // p.num)
+        elif _text_conditioned(model.net):
+            cond = _null_text_condition(p.info, model.net, n, device)
+        else:
+            cond = None if p.cond is None else p.cond[lo : lo + n].to(device)
+        x, nfe = _generate(model, n, p.config, cond, noise, p.negative_cond)
+        latents.append(x.float().cpu())
+        images.append(decode_latents(p.decoder, x.float(), p.info["shift"], p.info["scale"]).cpu())
+    return torch.cat(images).numpy(), torch.cat(latents).numpy(), nfe
+
+
+# --- writing -------------------------------------------------------------------------------------------------
 def save_picture(samples: np.ndarray, path: Path, title: str) -> bool:
     """Scatter plot for point data, image grid for (C, H, W) images with 1 or 3 channels."""
     from PIL import Image
@@ -67,35 +299,124 @@ def save_picture(samples: np.ndarray, path: Path, title: str) -> bool:
     return False  # latents need the data's decoder: written as .npy only
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    from flowmatch.checkpoints import CheckpointError, load_objective
+def upscale_factor(size: tuple[int, int], upscale: int) -> int:
+    """--upscale, with 0 (auto) = the smallest integer factor that makes the short side >= 128 pixels."""
+    return upscale if upscale > 0 else max(1, math.ceil(128 / max(1, min(size))))
 
-    try:
-        config = SamplerConfig(solver=args.solver, steps=args.steps, shift=args.shift, grid=args.grid, guidance=args.guidance, rtol=args.rtol, atol=args.atol)
-        model = load_objective(args.ckpt, map_location=args.device, weights=args.weights)
-        cond = _conditions(model, args.labels, args.num)
-    except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _enlarge(images: np.ndarray, factor: int) -> np.ndarray:
+    return images if factor == 1 else images.repeat(factor, axis=-2).repeat(factor, axis=-1)
+
+
+def write_images(out: Path, images: np.ndarray, names: list[str], rows: int, cols: int, factor: int) -> dict:
+    """OUT/images/NAME.png per image, and OUT/grid.png: ``rows`` x ``cols`` cells filled row by row
+    (empty cells white), at most 64 x 16 of them shown. Returns the grid's shown rows and columns."""
+    from PIL import Image
+
+    from flowmatch.callbacks.plots import image_grid
+
+    folder = out / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("[0-9][0-9][0-9][0-9]*_*.png"):  # a previous run's images (its prompts may differ)
+        stale.unlink()
+    for image, name in zip(images, names):  # one image = a 1 x 1 grid without padding: uint8 RGB
+        Image.fromarray(image_grid(_enlarge(image[None], factor), ncols=1, pad=0)).save(folder / name)
+    cells = np.ones((rows * cols, *images.shape[1:]), images.dtype)  # white
+    cells[: len(images)] = images
+    shown_rows, shown_cols = min(rows, 64), min(cols, 16)
+    shown = cells.reshape(rows, cols, *images.shape[1:])[:shown_rows, :shown_cols].reshape(-1, *images.shape[1:])
+    Image.fromarray(image_grid(_enlarge(shown, factor), ncols=shown_cols)).save(out / "grid.png")
+    return {"rows": shown_rows, "cols": shown_cols}
+
+
+def _image_name(p: Plan, i: int, width: int) -> str:
+    from flowmatch.sampling.prompts import prompt_slug
+
+    if p.prompts is not None:
+        tag = prompt_slug(p.prompts[i // p.num])
+    else:
+        tag = "unconditional" if p.cond is None else f"label{int(p.cond[i])}"
+    return f"{i:0{width}d}_{tag}.png"
+
+
+def _main_images(args, p: Plan) -> int:
+    for note in p.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    start = time.time()
+    images, latents, nfe = generate_images(p, args.seed, args.device)
+    seconds = time.time() - start
+    if p.prompts is not None:  # one row per prompt
+        rows, cols = len(p.prompts), p.num
+    else:  # unconditional or class labels: a square-ish grid
+        cols = math.ceil(math.sqrt(len(images)))
+        rows = math.ceil(len(images) / cols)
+    width = max(4, len(str(len(images) - 1)))
+    names = [_image_name(p, i, width) for i in range(len(images))]
+    factor = upscale_factor(tuple(images.shape[-2:]), args.upscale)
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    grid = write_images(out, images, names, rows, cols, factor)
+    np.save(out / "samples.npy", images.astype(np.float32))
+    np.save(out / "latents.npy", latents.astype(np.float32))
+    config = p.config
+    info = {
+        "ckpt": str(args.ckpt), "objective": type(p.model).__name__, "network": type(p.model.net).__name__,
+        "mode": "text-to-image" if p.prompts is not None else ("class labels" if p.cond is not None else "unconditional"),
+        "prompts": p.prompts, "negative_prompt": args.negative_prompt, "labels": args.labels,
+        "num_per_prompt": p.num if p.prompts is not None else None, "num": len(images),
+        "shape": list(images.shape), "latent_shape": list(latents.shape),
+        "sampler": config.name, "solver": config.solver, "steps": config.steps, "shift": config.shift, "grid": config.grid,
+        "guidance": config.guidance, "seed": args.seed, "nfe": nfe, "batch_size": p.batch_size,
+        "weights": getattr(p.model, "loaded_weights", "raw"), "seconds": round(seconds, 3),
+        "seconds_per_image": round(seconds / len(images), 4),
+        "data": {"from": p.info_source, "manifest": p.info.get("manifest"), "autoencoder": p.info["autoencoder"],
+                 "text_encoders": [e.get("name", e.get("path")) for e in p.info.get("text_encoders", [])],
+                 "shift": p.info["shift"], "scale": p.info["scale"]},
+        "images": [{"file": f"images/{n}", "prompt": p.prompts[i // p.num] if p.prompts is not None else None}
+                   for i, n in enumerate(names)],
+        "grid_png": {"file": "grid.png", **grid}, "upscale": factor,
+        "warnings": p.notes,
+    }
+    (out / "samples.json").write_text(json.dumps(info, indent=2))
+    what = f"{len(p.prompts)} prompts x {p.num}" if p.prompts is not None else f"{len(images)}"
+    print(f"wrote {what} images ({config.name}, NFE {nfe}, {info['weights']} weights, {seconds:.1f} s) to {out / 'images'}, "
+          f"{out / 'grid.png'}, {out / 'samples.npy'} and {out / 'latents.npy'}")
+    return 0
+
+
+def _main_arrays(args, p: Plan) -> int:
+    model, config, num = p.model, p.config, p.num
     start, chunks, nfe = time.time(), [], 0
     gen = torch.Generator().manual_seed(args.seed)
-    for lo in range(0, args.num, args.batch_size):
-        n = min(args.batch_size, args.num - lo)
+    for lo in range(0, num, p.batch_size):
+        n = min(p.batch_size, num - lo)
         noise = torch.randn((n, *model.sample_shape), generator=gen)
-        part = None if cond is None else cond[lo : lo + n].to(args.device)
-        x, nfe = model.generate(n, config, cond=part, noise=noise, progress=args.num > args.batch_size or config.solver != "dopri5")
+        part = None if p.cond is None else p.cond[lo : lo + n].to(args.device)
+        x, nfe = model.generate(n, config, cond=part, noise=noise, progress=num > p.batch_size or config.solver != "dopri5")
         chunks.append(x.float().cpu())
     samples = torch.cat(chunks).numpy()
     seconds = time.time() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", samples)
-    info = {"ckpt": str(args.ckpt), "objective": type(model).__name__, "num": args.num, "shape": list(samples.shape),
+    info = {"ckpt": str(args.ckpt), "objective": type(model).__name__, "num": num, "shape": list(samples.shape),
             "sampler": config.name, "solver": config.solver, "steps": config.steps, "shift": config.shift, "grid": config.grid,
             "guidance": config.guidance, "labels": args.labels, "seed": args.seed, "nfe": nfe,
             "weights": getattr(model, "loaded_weights", "raw"), "seconds": round(seconds, 3)}
     (out / "samples.json").write_text(json.dumps(info, indent=2))
     drew = save_picture(samples, out / "samples.png", f"{type(model).__name__} {config.name} (NFE {nfe})")
-    print(f"wrote {args.num} samples ({config.name}, NFE {nfe}, {info['weights']} weights, {seconds:.1f} s) to {out / 'samples.npy'}" + (f" and {out / 'samples.png'}" if drew else ""))
+    print(f"wrote {num} samples ({config.name}, NFE {nfe}, {info['weights']} weights, {seconds:.1f} s) to {out / 'samples.npy'}" + (f" and {out / 'samples.png'}" if drew else ""))
+    if not drew and samples.ndim == 4:
+        print("note: these are latents; give --data_dir (or --manifest) of the model's shards to decode them to images", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        p = plan(args)
+    except (ValueError, OSError) as err:  # CheckpointError, PromptError, TextEncoderError, AutoencoderError, ShardFormatError ...
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _main_images(args, p) if p.mode == "images" else _main_arrays(args, p)

@@ -324,11 +324,32 @@ class FlowObjective(L.LightningModule):
     def on_validation_end(self) -> None:
         self._restore_rng()
 
-    # --- checkpoints remember what is generated, and the RNG -----------------------------------------
+    # --- checkpoints remember what is generated (and from which data), and the RNG -------------------------
+    #: facts about the latent/caption data the model was trained on (text encoders, autoencoder, latent
+    #: normalisation, manifest; see flowmatch.data.latent_info), so `sample` can turn prompts into images
+    #: without the data config; None for other data and for checkpoints written before they were stored
+    data_info: dict | None = None
+
+    def _data_info_to_save(self) -> dict | None:
+        from flowmatch.data.latent_info import info_from_datamodule
+
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            info = info_from_datamodule(datamodule) if datamodule is not None else None
+        except Exception as err:  # a checkpoint must never fail over this: keep what was known
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"the checkpoint does not record its data (text encoders, autoencoder): {type(err).__name__}: {err}")
+            info = None
+        return info if info is not None else self.data_info  # a run without a shard data module keeps what it loaded
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from flowmatch.checkpoints import gather_rng_states
 
         checkpoint["flowmatch"] = {"sample_shape": list(self.sample_shape) if self.sample_shape else None, "objective": type(self).__name__}
+        data = self._data_info_to_save()
+        if data is not None:
+            checkpoint["flowmatch"]["data"] = data
         trainer = self._trainer
         fn = getattr(getattr(trainer, "state", None), "fn", None)
         if trainer is not None and getattr(fn, "value", fn) == "fit":
@@ -340,6 +361,9 @@ class FlowObjective(L.LightningModule):
         shape = checkpoint.get("flowmatch", {}).get("sample_shape")
         if shape is not None:
             self.sample_shape = tuple(shape)
+        data = checkpoint.get("flowmatch", {}).get("data")
+        if isinstance(data, dict):  # absent in older checkpoints and for non-latent data
+            self.data_info = data
         states = checkpoint.get("rng_states")
         trainer = self._trainer
         if states and trainer is not None:

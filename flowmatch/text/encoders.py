@@ -6,9 +6,10 @@ One encoder (:class:`HFTextEncoder`) turns captions into
     mask    bool  (B, L)      True = real token (special tokens included), False = padding
     pooled  float (B, P)      one vector per caption, or None
 
-with L = the encoder's ``max_length`` (captions are truncated to it; a batch is run padded only to
-its longest caption and the outputs are padded to L afterwards, which gives identical real-token
-states for masked encoders such as BERT and T5 and for causal ones such as CLIP).
+with L = the encoder's ``max_length`` (longer captions are truncated to it, with a TextTruncationWarning
+naming them; a batch is run padded only to its longest caption and the outputs are padded to L
+afterwards, which gives identical real-token states for masked encoders such as BERT and T5 and for
+causal ones such as CLIP).
 
 Kinds, detected from config.json's ``model_type``:
 
@@ -50,6 +51,10 @@ _POOLED_CHOICES = ("auto", "eos", "mean", "cls", "none")
 
 class TextEncoderError(ValueError):
     """A text encoder that cannot be loaded or used (names the path)."""
+
+
+class TextTruncationWarning(UserWarning):
+    """A caption (prompt) longer than the encoder's max_length was cut to it; the message names the caption and the limit."""
 
 
 @dataclass
@@ -192,12 +197,39 @@ class HFTextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def token_count(self, caption: str) -> int:
+        """Tokens of ``caption`` (special tokens included) before truncation to max_length."""
+        return len(self.tokenizer(caption, truncation=False)["input_ids"])
+
+    #: encode() calls that report truncated captions; later ones stay quiet (a training run encoding long
+    #: captions batch after batch would otherwise warn at every step)
+    max_truncation_warnings = 5
+
+    def _warn_truncated(self, captions: list[str], attention_mask: torch.Tensor) -> None:
+        """A TextTruncationWarning naming the captions that were cut to max_length (only those that fill it are re-counted)."""
+        warned = getattr(self, "_truncation_warnings", 0)
+        if warned >= self.max_truncation_warnings:
+            return
+        full = [i for i, n in enumerate(attention_mask.sum(1).tolist()) if n >= self.max_length]
+        long = [(captions[i], n) for i in full if (n := self.token_count(captions[i])) > self.max_length]
+        if not long:
+            return
+        import warnings
+
+        self._truncation_warnings = warned + 1
+        shown = "; ".join(f"{c[:80]!r}{'...' if len(c) > 80 else ''} ({n} tokens)" for c, n in long[:3])
+        more = f" and {len(long) - 3} more" if len(long) > 3 else ""
+        last = " (further truncations by this encoder are not reported)" if warned + 1 == self.max_truncation_warnings else ""
+        warnings.warn(f"text encoder {self.name}: {len(long)} caption(s) longer than its max_length of {self.max_length} tokens "
+                      f"were truncated to {self.max_length}: {shown}{more}{last}", TextTruncationWarning, stacklevel=3)
+
     @torch.no_grad()
     def encode(self, captions: list[str]) -> TextEncoding:
         """Encode a batch of captions: tokens (B, max_length, width), mask (B, max_length), pooled (B, pooled_dim) or None."""
         if isinstance(captions, str):
             captions = [captions]
         batch = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
+        self._warn_truncated(list(captions), batch["attention_mask"])
         ids = batch["input_ids"].to(self.device)
         attn = batch["attention_mask"].to(self.device)
         kwargs = {"input_ids": ids, "attention_mask": attn}
