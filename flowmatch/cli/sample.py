@@ -24,6 +24,7 @@ prompts file or checkpoint, a checkpoint of another model) is an error with exit
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -213,7 +214,7 @@ def plan(args) -> Plan:
         if prompts is None:
             p.notes.append("no prompts: sampling unconditionally (the model's null condition)"
                            + ("; --guidance has no effect" if config.guidance != 1 else ""))
-            p.config = SamplerConfig(**{**config.__dict__, "guidance": 1.0})
+            p.config = dataclasses.replace(config, guidance=1.0)
         else:
             p.text = load_text_encoders(info, args.device)
             if p.text is None:
@@ -236,9 +237,10 @@ def plan(args) -> Plan:
 # --- generation ----------------------------------------------------------------------------------------------
 def _null_text_condition(info: dict, net, n: int, device) -> dict:
     """The network's unconditional text input for n samples (null pooled vector and null tokens, all unmasked)."""
-    template = {"pooled": torch.zeros(n, info["pooled_dim"] or net.pooled_dim, device=device),
-                "tokens": torch.zeros(n, info["context_length"] or 1, info["context_dim"] or net.context_dim, device=device),
-                "mask": torch.ones(n, info["context_length"] or 1, dtype=torch.bool, device=device)}
+    length = info.get("context_length") or 1
+    template = {"pooled": torch.zeros(n, info.get("pooled_dim") or net.pooled_dim, device=device),
+                "tokens": torch.zeros(n, length, info.get("context_dim") or getattr(net, "context_dim", None) or 1, device=device),
+                "mask": torch.ones(n, length, dtype=torch.bool, device=device)}  # a dropped caption: null tokens, all unmasked
     return net.null_condition(template)
 
 
@@ -253,8 +255,9 @@ def _generate(model, n: int, config: SamplerConfig, cond, noise: torch.Tensor, n
         del model.null_condition
 
 
-def generate_images(p: Plan, seed: int, device: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(images (N, C, H, W), latents (N, c, h, w), nfe), prompt by prompt. Image j of every prompt starts from the same noise."""
+def generate_images(p: Plan, seed: int, device: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(images (N, C, H, W), latents (N, c, h, w), NFE of each batch), prompt by prompt. Image j of every prompt
+    starts from the same noise, whatever the batch size."""
     from tqdm.auto import tqdm
 
     from flowmatch.data.latent_info import decode_latents
@@ -265,7 +268,7 @@ def generate_images(p: Plan, seed: int, device: str) -> tuple[np.ndarray, np.nda
     groups = len(p.prompts) if p.prompts is not None else 1
     column_noise = torch.randn((p.num, *shape), generator=gen)
     total = groups * p.num
-    images, latents, nfe = [], [], 0
+    images, latents, nfes = [], [], []
     starts = range(0, total, p.batch_size)
     for lo in tqdm(starts, desc="sample", unit="batch", total=len(starts), file=sys.stderr, dynamic_ncols=True):
         idx = torch.arange(lo, min(lo + p.batch_size, total))
@@ -278,9 +281,10 @@ def generate_images(p: Plan, seed: int, device: str) -> tuple[np.ndarray, np.nda
         else:
             cond = None if p.cond is None else p.cond[lo : lo + n].to(device)
         x, nfe = _generate(model, n, p.config, cond, noise, p.negative_cond)
+        nfes.append(nfe)
         latents.append(x.float().cpu())
         images.append(decode_latents(p.decoder, x.float(), p.info["shift"], p.info["scale"]).cpu())
-    return torch.cat(images).numpy(), torch.cat(latents).numpy(), nfe
+    return torch.cat(images).numpy(), torch.cat(latents).numpy(), nfes
 
 
 # --- writing -------------------------------------------------------------------------------------------------
@@ -343,7 +347,8 @@ def _main_images(args, p: Plan) -> int:
     for note in p.notes:
         print(f"warning: {note}", file=sys.stderr)
     start = time.time()
-    images, latents, nfe = generate_images(p, args.seed, args.device)
+    images, latents, nfes = generate_images(p, args.seed, args.device)
+    nfe = max(nfes)  # the same for every batch but with the adaptive dopri5
     seconds = time.time() - start
     if p.prompts is not None:  # one row per prompt
         rows, cols = len(p.prompts), p.num
@@ -367,7 +372,7 @@ def _main_images(args, p: Plan) -> int:
         "num_per_prompt": p.num if p.prompts is not None else None, "num": len(images),
         "shape": list(images.shape), "latent_shape": list(latents.shape),
         "sampler": config.name, "solver": config.solver, "steps": config.steps, "shift": config.shift, "grid": config.grid,
-        "guidance": config.guidance, "seed": args.seed, "nfe": nfe, "batch_size": p.batch_size,
+        "guidance": config.guidance, "seed": args.seed, "nfe": nfe, "nfe_per_batch": nfes, "batch_size": p.batch_size,
         "weights": getattr(p.model, "loaded_weights", "raw"), "seconds": round(seconds, 3),
         "seconds_per_image": round(seconds / len(images), 4),
         "data": {"from": p.info_source, "manifest": p.info.get("manifest"), "autoencoder": p.info["autoencoder"],
