@@ -21,6 +21,7 @@ The noise is seeded, so numbers and pictures are comparable across validations a
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -68,7 +69,7 @@ class ImageSampleMetrics(L.Callback):
         self,
         samplers: list[str] = ["euler25:cfg=3"],
         test_samplers: list[str] | None = None,
-        feature_network: str = "runs/feature_networks/digit_classifier.ckpt",
+        feature_network: str = "runs/feature_networks/digits_classifier/last.ckpt",
         feature_network_config: str | None = "configs/classifier/digits.yaml",
         class_captions: list[str] | None = None,
         per_class: int = 10,
@@ -91,7 +92,7 @@ class ImageSampleMetrics(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         from flowmatch.metrics.frechet import ensure_feature_network, load_feature_network
 
-        path = ensure_feature_network(self.feature_network_path, self.feature_network_config)
+        path = ensure_feature_network(self.feature_network_path, _resolve_config(self.feature_network_config))
         self._features = load_feature_network(path)
 
     def _reference_for(self, trainer, split: str) -> dict:
@@ -175,6 +176,16 @@ class ImageSampleMetrics(L.Callback):
 
     def on_test_epoch_end(self, trainer, pl_module):
         self._evaluate(trainer, pl_module, "test", self.test_samplers)
+
+
+def _resolve_config(path: str | None) -> str | None:
+    """A config path as given, or relative to the repository when it is not found from the working directory."""
+    if path is None or Path(path).is_file() or Path(path).is_absolute():
+        return path
+    import flowmatch
+
+    in_repo = Path(flowmatch.__file__).resolve().parents[1] / path
+    return str(in_repo) if in_repo.is_file() else path
 
 
 def _uses_ema(trainer) -> bool:
