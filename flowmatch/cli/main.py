@@ -19,6 +19,7 @@ commands:
   compare    HTML report comparing MLflow runs: --experiment NAME --out report/
   convert-checkpoint  consolidate a DeepSpeed ZeRO checkpoint directory into one file
   reflow     write (noise, sample) couplings of a trained flow for k-rectified flow: --ckpt CKPT --num-pairs N --out DIR
+  study      run a whole study (variants x seeds, tracked in MLflow) and write docs/results.md: NAME --budget small
 
 `python -m flowmatch COMMAND --help` explains each command's options;
 `python -m flowmatch fit --config X.yaml --print_config` shows the fully resolved config.
@@ -34,6 +35,7 @@ OWN_COMMANDS = {
     "compare": "flowmatch.cli.compare",
     "convert-checkpoint": "flowmatch.cli.convert_checkpoint",
     "reflow": "flowmatch.cli.reflow",
+    "study": "flowmatch.cli.study",
 }
 
 

@@ -1,0 +1,638 @@
+"""A study's section of the results (docs/results.md) and its plots, written from its MLflow runs alone.
+
+The runs are those the study runner tags (``study``, ``budget``, the variant's current
+``study_fingerprint``, status FINISHED; the latest per variant and seed). Every number in the
+section is a statistic over those runs, and the section ends with the table of their run ids.
+Each study's text sits between ``<!-- study:NAME begin -->`` and ``<!-- study:NAME end -->`` so
+that writing one study keeps the others.
+
+The study file's ``report`` chooses the analysis:
+
+* ``kind: ranking`` (SD3's formulation study): per seed, the variants ranked by each column's
+  metric (lower is better), the ranks averaged over seeds, and compared with the paper's average
+  ranks (Spearman's rho of the mean ranks, and per seed);
+* ``kind: training`` (FM vs. VP): final quality per sampler and NFE, and quality over training;
+* ``kind: reflow``: the columns' means per variant beside the paper's numbers, and the factors
+  between variants.
+
+``report.claims`` are the paper's qualitative findings, each checked on the means and per seed:
+``better`` (variant(s) lower than others on a metric, ``at`` final / first / mean_over_training),
+``factor`` (others / variant >= min_factor), ``top`` (among the k best), ``last``. The verdict is
+"agrees" when every claim holds, "does not agree" when none does, else "agrees in part".
+``report.discussion`` (optional, hand-written) is printed under the verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowmatch.studies.spec import Study, plan
+from flowmatch.tracking.report import _color, _plt, _save
+
+W2_KEY = re.compile(r"^val/w2_(?P<sampler>.+)$")
+HEADER = """# Results: the papers' claims at small scale
+
+Each section below is written by `python -m flowmatch study NAME --budget BUDGET --report-only` from
+the MLflow runs of that study alone (tags `study`, `variant`, `seed`, `budget`); the runs' ids are
+listed at the end of each section, so every number can be looked up in the tracking store
+(`mlflow ui --backend-store-uri sqlite:///mlflow.db`, experiment `studies`). Writing one study's
+section keeps the others. Plots are in [results/](results/). The studies are defined in
+[experiments/studies/](../experiments/studies/); the science and the papers' numbers are in SPEC.md.
+
+Sample quality on 2-D data is W2, the exact 2-Wasserstein distance between 1,000 generated points
+and 1,000 held-out data points (lower is better). Two independent 1,000-point samples of the
+8-gaussians target are themselves 0.31 ± 0.06 apart (6 pairs), so W2 values near 0.3 mean "as good
+as this metric can tell"; a model can score a little below that against the fixed held-out set.
+Every run is scored with the same sampling noise against the same held-out points, so differences
+between runs are paired. Tables give the mean ± standard deviation over seeds (sample std, n - 1).
+"""
+
+
+class ResultsError(RuntimeError):
+    """Nothing to write: no finished runs of the study, or an unreadable store."""
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    variant: str
+    seed: int
+    metrics: dict[str, float]
+    params: dict[str, str]
+    seconds: float | None
+    commit: str = ""
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # key -> [(steps trained, value)]
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+def collect(study: Study, budget: str, tracking_uri: str, history_keys: list[str] | None = None) -> dict[tuple[str, int], RunRecord]:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from flowmatch.studies.runner import search_study_runs
+
+    current = {r.variant.name: r.fingerprint for r in plan(study, budget, seeds=1)}
+    client = MlflowClient(tracking_uri)
+    try:
+        found = search_study_runs(tracking_uri, study, budget)
+    except MlflowException as err:
+        raise ResultsError(f"could not read runs from {tracking_uri}: {str(err).splitlines()[0]}") from None
+    latest: dict[tuple[str, int], Any] = {}
+    for run in found:
+        tags = run.data.tags
+        if not tags.get("seed", "").isdigit() or current.get(tags.get("variant")) != tags.get("study_fingerprint"):
+            continue
+        key = (tags["variant"], int(tags["seed"]))
+        if key not in latest or run.info.start_time > latest[key].info.start_time:
+            latest[key] = run
+    if not latest:
+        raise ResultsError(f"no finished runs of study {study.name!r} (budget {budget}, current definitions) in {tracking_uri}, "
+                           f"experiment {study.experiment!r}; run `python -m flowmatch study {study.name} --budget {budget}` first")
+    out = {}
+    for key, run in latest.items():
+        seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
+        rec = RunRecord(run.info.run_id, key[0], key[1], dict(run.data.metrics), dict(run.data.params), seconds,
+                        run.data.tags.get("mlflow.source.git.commit", ""))
+        for hk in history_keys or []:
+            if hk in rec.metrics:
+                # Lightning logs a validation at the 0-based index of the last batch: +1 is the number of steps trained
+                rec.history[hk] = sorted((m.step + 1, m.value) for m in client.get_metric_history(rec.run_id, hk))
+        out[key] = rec
+    return out
+
+
+# --- statistics and formatting ----------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return math.nan, math.nan
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    """``digits`` decimals (fewer for large numbers), scientific below 1e-3."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+        return f"{v:.{max(digits - 1, 1)}e}"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.{digits}f}"
+
+
+def fmt_ms(values: list[float], digits: int = 3) -> str:
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "—"
+    return fmt(m, digits) + ("" if math.isnan(s) else f" ± {fmt(s, digits)}")
+
+
+def md_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else ":---:" if a == "c" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _values(runs: dict, variant: str, metric: str, seeds: list[int] | None = None) -> list[float]:
+    return [r.metrics[metric] for (v, s), r in sorted(runs.items()) if v == variant and metric in r.metrics and (seeds is None or s in seeds)]
+
+
+def _as_list(x) -> list[str]:
+    return [x] if isinstance(x, str) else list(x or [])
+
+
+def _sampler_order(sampler: str) -> tuple:
+    m = re.match(r"^([a-z_]+?)(\d*)$", sampler)
+    solver, steps = (m.group(1), int(m.group(2) or 0)) if m else (sampler, 0)
+    return (solver == "dopri5", solver, steps)
+
+
+# --- claims ----------------------------------------------------------------------------------------------------
+def _metric_value(rec: RunRecord, metric: str, at: str) -> float | None:
+    if at == "final":
+        return rec.metrics.get(metric)
+    hist = rec.history.get(metric)
+    if not hist:
+        return None
+    if at == "first":
+        return hist[0][1]
+    if at == "mean_over_training":
+        return float(np.mean([v for _, v in hist]))
+    raise ValueError(f"claim 'at' must be final, first or mean_over_training, got {at!r}")
+
+
+def check_claim(claim: dict, runs: dict[tuple[str, int], RunRecord], seeds: list[int], metric: str | None = None,
+                ranks: dict[str, list[float]] | None = None) -> tuple[bool, str]:
+    """(holds on the means, a short account with the per-seed count). ``ranks``: variant -> per-seed ranks (ranking studies)."""
+    kind = claim.get("kind")
+    metric = claim.get("metric", metric)
+    at = claim.get("at", "final")
+
+    def per_seed(variant: str) -> dict[int, float]:
+        if ranks is not None and "metric" not in claim:
+            return dict(zip(seeds, ranks[variant]))
+        out = {}
+        for s in seeds:
+            rec = runs.get((variant, s))
+            val = _metric_value(rec, metric, at) if rec else None
+            if val is not None:
+                out[s] = val
+        return out
+
+    if kind in ("better", "factor"):
+        winners, losers = _as_list(claim["variant"]), _as_list(claim["than"])
+        vals = {v: per_seed(v) for v in winners + losers}
+        common = [s for s in seeds if all(s in vals[v] for v in vals)]
+        if not common:
+            return False, "no seed has all the runs"
+        if kind == "better":
+            means = {v: float(np.mean([vals[v][s] for s in common])) for v in vals}
+            holds = all(means[w] < means[loser] for w in winners for loser in losers)
+            seeds_ok = sum(all(vals[w][s] < vals[loser][s] for w in winners for loser in losers) for s in common)
+            detail = ", ".join(f"{v} {fmt(means[v])}" for v in winners + losers)
+            what = "mean ranks" if ranks is not None and "metric" not in claim else f"means of {metric}" + ("" if at == "final" else f" ({at.replace('_', ' ')})")
+            return holds, f"{what}: {detail}; holds in {seeds_ok}/{len(common)} seeds"
+        factor = float(claim.get("min_factor", 1.0))
+        ratios = [min(vals[loser][s] for loser in losers) / vals[winners[0]][s] for s in common]
+        m, sd = mean_std(ratios)
+        holds = m >= factor
+        seeds_ok = sum(r >= factor for r in ratios)
+        return holds, f"factor {fmt(m)}{'' if math.isnan(sd) else ' ± ' + fmt(sd)} (>= {factor:g} in {seeds_ok}/{len(common)} seeds)"
+    if kind in ("top", "last"):
+        names = sorted({v for v, _ in runs})
+        vals = {v: per_seed(v) for v in names}
+        common = [s for s in seeds if all(s in vals[v] for v in names)]
+        if not common:
+            return False, "no seed has all the runs"
+        means = {v: float(np.mean([vals[v][s] for s in common])) for v in names}
+        order = sorted(names, key=lambda v: means[v])
+        target = claim["variant"]
+        pos = order.index(target) + 1
+        k = int(claim.get("k", 1)) if kind == "top" else len(names)
+        per = [sorted(names, key=lambda v: vals[v][s]).index(target) + 1 for s in common]
+        ok_seeds = sum(p <= k if kind == "top" else p == len(names) for p in per)
+        holds = pos <= k if kind == "top" else pos == len(names)
+        return holds, f"position {pos} of {len(names)} on the mean (per seed: {', '.join(map(str, per))}; holds in {ok_seeds}/{len(common)} seeds)"
+    raise ValueError(f"unknown claim kind {kind!r} (better, factor, top, last)")
+
+
+def verdict(results: list[bool], paper: str) -> str:
+    if results and all(results):
+        return f"**Agrees with {paper}**"
+    if not any(results):
+        return f"**Does not agree with {paper}**"
+    return f"**Agrees with {paper} in part** ({sum(results)} of {len(results)} checks hold)"
+
+
+def _n(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+# --- analyses ----------------------------------------------------------------------------------------------------
+@dataclass
+class Section:
+    body: list[str] = field(default_factory=list)
+    pngs: list[Path] = field(default_factory=list)
+
+
+def _label(study: Study, variant: str) -> str:
+    try:
+        return study.variant(variant).label
+    except Exception:  # noqa: BLE001 - a variant no longer in the file
+        return variant
+
+
+def _complete_seeds(runs: dict, variants: list[str], metrics: list[str]) -> list[int]:
+    seeds = sorted({s for _, s in runs})
+    return [s for s in seeds if all((v, s) in runs and all(m in runs[(v, s)].metrics for m in metrics) for v in variants)]
+
+
+def ranking_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Section:
+    from scipy.stats import rankdata, spearmanr
+
+    rep = study.report
+    columns = rep.get("columns", [])
+    paper = rep.get("paper", {})
+    paper_ranks: dict[str, dict[str, float]] = paper.get("ranks", {})
+    variants = [v.name for v in study.variants if any(k[0] == v.name for k in runs)]
+    seeds = _complete_seeds(runs, variants, [c["metric"] for c in columns])
+    sec = Section()
+    if len(seeds) == 0:
+        sec.body.append("_No seed has a finished run of every variant yet: nothing to rank._")
+        return sec
+    incomplete = sorted({s for _, s in runs} - set(seeds))
+    ranks: dict[str, dict[str, list[float]]] = {}  # column label -> variant -> per-seed ranks
+    for col in columns:
+        per = {v: [] for v in variants}
+        for s in seeds:
+            r = rankdata([runs[(v, s)].metrics[col["metric"]] for v in variants])
+            for v, rv in zip(variants, r):
+                per[v].append(float(rv))
+        ranks[col["label"]] = per
+    all_ranks = {v: [float(np.mean([ranks[c["label"]][v][i] for c in columns])) for i in range(len(seeds))] for v in variants}
+    order = sorted(variants, key=lambda v: paper_ranks.get(v, {}).get("all", math.inf))
+
+    sec.body.append(f"Ranks over the {_n(len(seeds), 'seed')} that have every variant ({', '.join(map(str, seeds))})"
+                    + (f"; seeds {', '.join(map(str, incomplete))} are incomplete and left out" if incomplete else "")
+                    + ". Per seed the variants are ranked 1 (best, lowest W2) to " + str(len(variants))
+                    + "; the table gives the mean rank ± std over seeds beside SD3's average rank (SD3 ranked many more "
+                    "variants, so its numbers run higher; compare the order). \"all\" averages our columns' ranks per seed.\n")
+    header = ["variant"]
+    for col in columns:
+        header += [f"SD3 {col['paper']}", f"ours, {col['label']}"]
+    header += ["SD3 all", "ours, all"]
+    rows = []
+    for v in order:
+        row = [_label(study, v)]
+        for col in columns:
+            row += [fmt(paper_ranks.get(v, {}).get(col["paper"]), 2), fmt_ms(ranks[col["label"]][v], 2)]
+        row += [fmt(paper_ranks.get(v, {}).get("all"), 2), fmt_ms(all_ranks[v], 2)]
+        rows.append(row)
+    sec.body.append(md_table(header, rows))
+
+    # W2 values
+    sec.body.append("\nThe metric behind the ranks (final validation, mean ± std over seeds):\n")
+    w_rows = [[_label(study, v)] + [fmt_ms([runs[(v, s)].metrics[c["metric"]] for s in seeds]) for c in columns] for v in order]
+    sec.body.append(md_table(["variant"] + [f"`{c['metric']}` ({c['label']})" for c in columns], w_rows))
+
+    # agreement of orders
+    sec.body.append("\nAgreement of the orders (Spearman's rho between our ranks and SD3's average ranks; 1 = same order):\n")
+    rho_rows, col_verdicts = [], []
+    pairs = [(c["label"], c["paper"], ranks[c["label"]]) for c in columns] + [("all", "all", all_ranks)]
+    for label, pcol, per in pairs:
+        have = [v for v in variants if pcol in paper_ranks.get(v, {})]
+        if len(have) < 3:
+            continue
+        ref = [paper_ranks[v][pcol] for v in have]
+        mean_r = [float(np.mean(per[v])) for v in have]
+        rho, p = spearmanr(mean_r, ref)
+        per_seed = [spearmanr([per[v][i] for v in have], ref)[0] for i in range(len(seeds))]
+        m, sd = mean_std(per_seed)
+        word = "matches" if rho >= 0.7 else "partly matches" if rho >= 0.3 else "does not match"
+        col_verdicts.append((label, pcol, word, rho))
+        rho_rows.append([f"ours {label} vs SD3 {pcol}", f"{rho:.2f} (p = {p:.2g})",
+                         f"{fmt(m, 2)}{'' if math.isnan(sd) else ' ± ' + fmt(sd, 2)} (min {min(per_seed):.2f}, max {max(per_seed):.2f})", word])
+    sec.body.append(md_table(["comparison", "rho of mean ranks", "rho per seed, mean ± std", "order"], rho_rows, "lrrl"))
+
+    png = _ranking_plots(study, runs, seeds, variants, columns, ranks, paper_ranks, out_dir)
+    sec.pngs += png
+    sec.body.append("\n" + "\n".join(f"![{p.stem}]({rel}/{p.name})" for p in png))
+
+    # claims, per column
+    checks, lines = [], []
+    for claim in rep.get("claims", []):
+        parts = []
+        for col in columns:
+            ok, detail = check_claim(claim, runs, seeds, ranks=ranks[col["label"]], metric=col["metric"])
+            checks.append(ok)
+            parts.append(f"{col['label']}: {_mark(ok)} ({detail})")
+        lines.append(f"- {claim.get('text', claim)} — " + "; ".join(parts))
+    sec.body.append("\nSD3's findings, checked on our mean ranks (and per seed):\n\n" + "\n".join(lines))
+    order_words = "; ".join(f"our {label} order {word} SD3's {pcol} order (rho {rho:.2f})" for label, pcol, word, rho in col_verdicts)
+    sec.body.append(f"\n{verdict(checks, 'SD3')}: {order_words}. {_n(len(seeds), 'seed')}.")
+    return sec
+
+
+def _ranking_plots(study, runs, seeds, variants, columns, ranks, paper_ranks, out_dir: Path) -> list[Path]:
+    plt = _plt()
+    order = sorted(variants, key=lambda v: paper_ranks.get(v, {}).get("all", math.inf))
+    labels = [_label(study, v) for v in order]
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    width = 0.8 / max(len(columns), 1)
+    x = np.arange(len(order))
+    for j, col in enumerate(columns):
+        ms = [mean_std([runs[(v, s)].metrics[col["metric"]] for s in seeds]) for v in order]
+        ax.bar(x + (j - (len(columns) - 1) / 2) * width, [m for m, _ in ms], width, yerr=[0 if math.isnan(s) else s for _, s in ms],
+               color=_color(j), capsize=3, label=f"{col['label']} ({col['metric']})")
+        for i, v in enumerate(order):
+            ax.scatter([x[i] + (j - (len(columns) - 1) / 2) * width] * len(seeds), [runs[(v, s)].metrics[col["metric"]] for s in seeds],
+                       s=8, color="black", zorder=3)
+    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("W2 to held-out data (lower is better)")
+    ax.set_title(f"{study.name}: final W2 per variant, mean ± std over {len(seeds)} seeds (dots: seeds); SD3's order left to right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p1 = out_dir / f"{study.name}_w2.png"
+    _save(fig, p1)
+
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 4.4), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        have = [v for v in variants if col["paper"] in paper_ranks.get(v, {})]
+        xs = [paper_ranks[v][col["paper"]] for v in have]
+        ms = [mean_std(ranks[col["label"]][v]) for v in have]
+        ax.errorbar(xs, [m for m, _ in ms], yerr=[0 if math.isnan(s) else s for _, s in ms], fmt="o", capsize=3)
+        for xv, (m, _), v in zip(xs, ms, have):
+            ax.annotate(_label(study, v), (xv, m), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel(f"SD3 average rank, {col['paper']}")
+        ax.set_ylabel(f"our mean rank, {col['label']}")
+        ax.set_title(f"{col['label']} vs SD3 {col['paper']}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p2 = out_dir / f"{study.name}_ranks.png"
+    _save(fig, p2)
+    return [p1, p2]
+
+
+def training_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Section:
+    rep = study.report
+    variants = [v.name for v in study.variants if any(k[0] == v.name for k in runs)]
+    seeds = sorted({s for _, s in runs})
+    sec = Section()
+    samplers = sorted({m.group("sampler") for r in runs.values() for k in r.metrics if (m := W2_KEY.match(k)) and f"val/nfe_{m.group('sampler')}" in r.metrics},
+                      key=_sampler_order)
+    # final quality per sampler
+    header = ["variant", "`val/loss`"] + [f"W2 {s} (NFE {fmt(mean_std([r.metrics.get(f'val/nfe_{s}') for r in runs.values() if f'val/nfe_{s}' in r.metrics])[0], 3)})" if s == "dopri5" else f"W2 {s}" for s in samplers]
+    if "dopri5" in samplers:
+        header.append("dopri5 NFE")
+    rows = []
+    for v in variants:
+        row = [_label(study, v), fmt_ms(_values(runs, v, "val/loss"))] + [fmt_ms(_values(runs, v, f"val/w2_{s}")) for s in samplers]
+        if "dopri5" in samplers:
+            row.append(fmt_ms(_values(runs, v, "val/nfe_dopri5"), 3))
+        rows.append(row)
+    n_per = {v: len(_values(runs, v, "val/loss")) for v in variants}
+    sec.body.append(f"Final validation ({', '.join(f'{_label(study, v)}: {n} seeds' for v, n in n_per.items())}); W2 per sampler "
+                    "(euler N = N network evaluations), mean ± std over seeds. `val/loss` is each objective's own "
+                    "regression loss (velocity, eps or v) and is not comparable across objectives.\n")
+    sec.body.append(md_table(header, rows))
+    # over training
+    for metric in rep.get("curves", []):
+        steps = sorted({st for r in runs.values() for st, _ in r.history.get(metric, [])})
+        if not steps:
+            continue
+        shown = sorted({steps[round(i * (len(steps) - 1) / 5)] for i in range(6)}) if len(steps) > 6 else steps
+        t_rows = []
+        for v in variants:
+            row = [_label(study, v)]
+            for st in shown:
+                row.append(fmt_ms([val for (vv, _), r in runs.items() if vv == v for s2, val in r.history.get(metric, []) if s2 == st]))
+            t_rows.append(row)
+        sec.body.append(f"\n`{metric}` over training (after N steps; mean ± std over seeds):\n")
+        sec.body.append(md_table(["variant"] + [f"{st}" for st in shown], t_rows))
+    pngs = _training_plots(study, runs, variants, samplers, out_dir)
+    sec.pngs += pngs
+    sec.body.append("\n" + "\n".join(f"![{p.stem}]({rel}/{p.name})" for p in pngs))
+    checks, lines = [], []
+    for claim in rep.get("claims", []):
+        ok, detail = check_claim(claim, runs, seeds)
+        checks.append(ok)
+        lines.append(f"- {claim.get('text', claim)}: {_mark(ok)} ({detail})")
+    sec.body.append("\nThe paper's claims, checked on the means over seeds (and per seed):\n\n" + "\n".join(lines))
+    sec.body.append(f"\n{verdict(checks, rep.get('paper_name', 'the paper'))}. {_n(len(seeds), 'seed')}.")
+    return sec
+
+
+def _band(ax, runs, variant, metric, color, label):
+    by_step: dict[int, list[float]] = {}
+    for (v, _), r in runs.items():
+        if v == variant:
+            for st, val in r.history.get(metric, []):
+                by_step.setdefault(st, []).append(val)
+    if not by_step:
+        return
+    st = sorted(by_step)
+    ms = [mean_std(by_step[s]) for s in st]
+    m = np.array([a for a, _ in ms])
+    sd = np.array([0 if math.isnan(b) else b for _, b in ms])
+    ax.plot(st, m, color=color, marker="o", ms=3, label=label)
+    ax.fill_between(st, m - sd, m + sd, color=color, alpha=0.2)
+
+
+def _training_plots(study, runs, variants, samplers, out_dir: Path) -> list[Path]:
+    plt = _plt()
+    out = []
+    curves = [m for m in study.report.get("curves", []) if any(m in r.history for r in runs.values())]
+    keys = curves + (["val/loss"] if any("val/loss" in r.history for r in runs.values()) else [])
+    if keys:
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 4.0), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for i, v in enumerate(variants):
+                _band(ax, runs, v, key, _color(i), _label(study, v))
+            ax.set_xlabel("training steps")
+            ax.set_title(key + (" (own objective's loss)" if key == "val/loss" else ""))
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{study.name}: over training, mean ± std over seeds")
+        fig.tight_layout()
+        p = out_dir / f"{study.name}_training.png"
+        _save(fig, p)
+        out.append(p)
+    if samplers:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for i, v in enumerate(variants):
+            eul = [s for s in samplers if s.startswith("euler")]
+            pts = [(mean_std(_values(runs, v, f"val/nfe_{s}"))[0], mean_std(_values(runs, v, f"val/w2_{s}"))) for s in eul]
+            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[0 if math.isnan(p[1][1]) else p[1][1] for p in pts],
+                        color=_color(i), marker="o", capsize=3, label=f"{_label(study, v)} (Euler)")
+            if "dopri5" in samplers:
+                nfe = mean_std(_values(runs, v, "val/nfe_dopri5"))[0]
+                w2, sd = mean_std(_values(runs, v, "val/w2_dopri5"))
+                ax.errorbar([nfe], [w2], yerr=[0 if math.isnan(sd) else sd], color=_color(i), marker="D", capsize=3, linestyle="none",
+                            label=f"{_label(study, v)} (dopri5)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE (network evaluations per sample)")
+        ax.set_ylabel("final W2 (lower is better)")
+        ax.set_title(f"{study.name}: final W2 vs NFE, mean ± std over seeds")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out_dir / f"{study.name}_w2_vs_nfe.png"
+        _save(fig, p)
+        out.append(p)
+    return out
+
+
+def reflow_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Section:
+    rep = study.report
+    variants = [v.name for v in study.variants if any(k[0] == v.name for k in runs)]
+    seeds = sorted({s for _, s in runs})
+    columns = rep.get("columns", [])
+    paper = rep.get("paper", {})
+    sec = Section()
+    header = ["variant", "seeds"] + [c["label"] for c in columns] + ([f"paper: {paper.get('metric', '1-step FID')}"] if paper.get("values") else [])
+    rows = []
+    for v in variants:
+        row = [_label(study, v), str(len([1 for (vv, _) in runs if vv == v]))]
+        row += [fmt_ms(_values(runs, v, c["metric"])) for c in columns]
+        if paper.get("values"):
+            row.append(fmt(paper["values"].get(v)))
+        rows.append(row)
+    sec.body.append("Final validation, mean ± std over seeds (straightness is the RF paper's S of the sampling paths, "
+                    "100 Euler steps from 1,000 fixed noise points; the distilled students are one-step maps, so S is not measured). "
+                    + (f"Paper column: {paper.get('source')}; FID and W2 are different scales, compare the factors.\n" if paper.get("source") else "\n"))
+    sec.body.append(md_table(header, rows))
+    pngs = _reflow_plots(study, runs, variants, columns, out_dir)
+    sec.pngs += pngs
+    sec.body.append("\n" + "\n".join(f"![{p.stem}]({rel}/{p.name})" for p in pngs))
+    checks, lines = [], []
+    for claim in rep.get("claims", []):
+        ok, detail = check_claim(claim, runs, seeds)
+        checks.append(ok)
+        lines.append(f"- {claim.get('text', claim)}: {_mark(ok)} ({detail})")
+    sec.body.append("\nThe paper's claims, checked on the means over seeds (and per seed):\n\n" + "\n".join(lines))
+    sec.body.append(f"\n{verdict(checks, rep.get('paper_name', 'the RF paper'))}. {_n(len(seeds), 'seed')}.")
+    return sec
+
+
+def _reflow_plots(study, runs, variants, columns, out_dir: Path) -> list[Path]:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    for i, v in enumerate(variants):
+        samplers = sorted({m.group("sampler") for (vv, _), r in runs.items() if vv == v for k in r.metrics if (m := W2_KEY.match(k))}, key=_sampler_order)
+        pts = [(mean_std(_values(runs, v, f"val/nfe_{s}"))[0], mean_std(_values(runs, v, f"val/w2_{s}"))) for s in samplers
+               if _values(runs, v, f"val/nfe_{s}")]
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[0 if math.isnan(p[1][1]) else p[1][1] for p in pts],
+                        color=_color(i), marker="o", capsize=3, label=_label(study, v), linestyle="-" if "distill" not in v else ":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (Euler 1, 2, 8 steps; dopri5)")
+    ax.set_ylabel("final W2 (lower is better)")
+    ax.set_title("W2 vs NFE, mean ± std over seeds")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    have = [v for v in variants if _values(runs, v, "val/straightness")]
+    ms = [mean_std(_values(runs, v, "val/straightness")) for v in have]
+    ax.bar(range(len(have)), [m for m, _ in ms], yerr=[0 if math.isnan(s) else s for _, s in ms], capsize=3,
+           color=[_color(variants.index(v)) for v in have])
+    ax.set_xticks(range(len(have)), [_label(study, v) for v in have])
+    ax.set_yscale("log")
+    ax.set_ylabel("straightness S (0 = straight paths)")
+    ax.set_title("straightness of the sampling paths")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.suptitle(f"{study.name}: reflow and distillation on 8 gaussians")
+    fig.tight_layout()
+    p = out_dir / f"{study.name}_reflow.png"
+    _save(fig, p)
+    return [p]
+
+
+ANALYSES = {"ranking": ranking_section, "training": training_section, "reflow": reflow_section}
+
+
+# --- the section and the file ------------------------------------------------------------------------------------
+def _history_keys(study: Study) -> list[str]:
+    rep = study.report
+    keys = set(rep.get("curves", []))
+    if rep.get("kind") == "training":
+        keys.add("val/loss")
+    for claim in rep.get("claims", []):
+        if claim.get("at", "final") != "final" and claim.get("metric"):
+            keys.add(claim["metric"])
+    return sorted(keys)
+
+
+def run_table(study: Study, runs: dict[tuple[str, int], RunRecord]) -> str:
+    metrics = list(study.report.get("headline", []))
+    rows = []
+    order = {v.name: i for i, v in enumerate(study.variants)}
+    for (v, s), r in sorted(runs.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
+        rows.append([_label(study, v), str(s), f"`{r.run_id}`", r.params.get("trainer.max_steps", "—"),
+                     f"{r.seconds:.0f}" if r.seconds else "—"] + [fmt(r.metrics.get(m)) for m in metrics])
+    return md_table(["variant", "seed", "MLflow run id", "steps", "seconds"] + [f"`{m}`" for m in metrics], rows)
+
+
+def render_section(study: Study, budget: str, runs: dict, sec: Section, tracking_uri: str, command: str) -> str:
+    steps = sorted({r.params.get("trainer.max_steps", "?") for r in runs.values()})
+    seeds = sorted({s for _, s in runs})
+    seconds = [r.seconds for r in runs.values() if r.seconds]
+    commits = sorted({r.commit[:12] + ("-dirty" if r.commit.endswith("-dirty") else "") for r in runs.values() if r.commit})
+    title = study.report.get("title", study.name)
+    parts = [f"<!-- study:{study.name} begin -->", f"## {title}", "",
+             study.description, "",
+             f"Budget `{budget}`: {len(runs)} finished runs of {_n(len({v for v, _ in runs}), 'variant')} at "
+             f"{_n(len(seeds), 'seed')} ({', '.join(map(str, seeds))}), {'/'.join(steps)} training steps each, {sum(seconds) / 60:.1f} min of run time in total"
+             f" (MLflow `{tracking_uri}`, experiment `{study.experiment}`). Study file: "
+             f"[experiments/studies/{study.path.name}](../experiments/studies/{study.path.name}). "
+             f"Regenerate this section: `{command}`.", ""]
+    if commits:
+        parts += [f"Code (git commit of the runs): {', '.join(commits)}.", ""]
+    parts += sec.body
+    discussion = str(study.report.get("discussion", "")).strip()
+    if discussion:
+        parts += ["", "Why, at this scale (hand-written for the runs below, in the study file): " + discussion]
+    parts += ["", f"<details><summary>The {len(runs)} MLflow runs behind these numbers</summary>", "", run_table(study, runs), "", "</details>",
+              f"<!-- study:{study.name} end -->"]
+    return "\n".join(parts) + "\n"
+
+
+def replace_section(text: str, name: str, section: str) -> str:
+    begin, end = f"<!-- study:{name} begin -->", f"<!-- study:{name} end -->"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        return head + section.rstrip("\n") + tail
+    if not text.strip():
+        text = HEADER
+    return text.rstrip("\n") + "\n\n" + section
+
+
+def write_results(study: Study, budget: str, tracking_uri: str, out: str | Path = "docs/results", command: str | None = None) -> tuple[Path, list[Path]]:
+    """Write (or replace) the study's section of OUT.md and its plots OUT/<study>_*.png; returns (OUT.md, the plots)."""
+    out_dir = Path(out)
+    md = out_dir.with_suffix(".md")
+    runs = collect(study, budget, tracking_uri, _history_keys(study))
+    kind = study.report.get("kind")
+    if kind not in ANALYSES:
+        raise ResultsError(f"{study.path}: report.kind must be one of {', '.join(ANALYSES)}, got {kind!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sec = ANALYSES[kind](study, runs, out_dir, out_dir.name)
+    section = render_section(study, budget, runs, sec, tracking_uri, command or f"python -m flowmatch study {study.name} --budget {budget} --report-only")
+    text = md.read_text(encoding="utf-8") if md.is_file() else ""
+    md.write_text(replace_section(text, study.name, section), encoding="utf-8")
+    return md, sec.pngs

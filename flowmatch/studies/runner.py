@@ -1,0 +1,261 @@
+"""Run a study's plan: one real `python -m flowmatch fit` per (seed, variant), each tracked in MLflow.
+
+Every fit runs in its own process (the platform's CLI exactly as a user runs it; its output goes to
+``WORKDIR/<study>/<budget>/logs/``) with the tags ``study``, ``variant``, ``seed``, ``budget``,
+``study_fingerprint`` and ``study_label``. Before a fit the runner looks for a FINISHED run with the
+same tags and fingerprint in the tracking store and skips the fit if there is one, so an
+interrupted study continues where it stopped.
+
+Reflow steps: a variant with ``couplings_from: V`` first downloads the final model of V's run at the
+same seed (the MLflow artifact ``model/final.ckpt``), draws couplings from it with
+``python -m flowmatch reflow`` into ``WORKDIR/<study>/<budget>/couplings/<V>_seed<k>_<run id>`` (kept
+and reused: named by the source run, so they never go stale) and trains on them
+(``--data.init_args.path``); ``init_from: V`` starts from V's weights (``--model.init_args.init_weights``).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from flowmatch.studies.spec import PlannedRun, Study, cli_value
+
+FINAL_MODEL_ARTIFACT = "model/final.ckpt"
+
+
+@dataclass
+class FinishedRun:
+    run_id: str
+    variant: str
+    seed: int
+    fingerprint: str
+    start_time: int
+    end_time: int | None
+    metrics: dict[str, float]
+
+    @property
+    def seconds(self) -> float | None:
+        return (self.end_time - self.start_time) / 1000 if self.end_time else None
+
+
+@dataclass
+class StudyOutcome:
+    ran: list[tuple[PlannedRun, str]] = field(default_factory=list)  # (run, MLflow run id)
+    skipped: list[tuple[PlannedRun, str]] = field(default_factory=list)
+    failed: list[tuple[PlannedRun, str]] = field(default_factory=list)  # (run, why)
+    seconds: float = 0.0
+
+
+def _fmt_time(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def finished_runs(tracking_uri: str, study: Study, budget: str) -> dict[tuple[str, int], FinishedRun]:
+    """(variant, seed) -> the latest FINISHED run of the study under the budget whose fingerprint is current."""
+    from flowmatch.studies.spec import plan
+
+    current = {r.variant.name: r.fingerprint for r in plan(study, budget, seeds=1)}  # the fingerprint does not depend on the seed
+    out: dict[tuple[str, int], FinishedRun] = {}
+    for run in search_study_runs(tracking_uri, study, budget):
+        tags = run.data.tags
+        try:
+            key = (tags["variant"], int(tags["seed"]))
+        except (KeyError, ValueError):
+            continue
+        fp = tags.get("study_fingerprint", "")
+        if current.get(key[0]) != fp:
+            continue
+        found = FinishedRun(run.info.run_id, key[0], key[1], fp, run.info.start_time, run.info.end_time, dict(run.data.metrics))
+        if key not in out or found.start_time > out[key].start_time:
+            out[key] = found
+    return out
+
+
+def search_study_runs(tracking_uri: str, study: Study, budget: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(study.experiment)
+    if exp is None:
+        return []
+    query = f"tags.study = '{study.name}' and tags.budget = '{budget}' and attributes.status = 'FINISHED'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+class StudyRunner:
+    """Runs (or prints) a study's plan against a tracking store; see this module's docstring."""
+
+    def __init__(self, study: Study, runs: list[PlannedRun], tracking_uri: str, workdir: str | Path = "runs/studies",
+                 force: bool = False, echo: Callable[[str], None] = print, python: str = sys.executable,
+                 extra_env: dict[str, str] | None = None):
+        self.study, self.runs, self.tracking_uri, self.force = study, runs, tracking_uri, force
+        self.budget = runs[0].budget if runs else ""
+        self.workdir = Path(workdir) / study.name / self.budget
+        self.echo, self.python = echo, python
+        self.env = {**os.environ, "JSONARGPARSE_DEPRECATION_WARNINGS": "off", **(extra_env or {})}
+        self.headline = list(study.report.get("headline", []))
+
+    # --- commands --------------------------------------------------------------------------------------------
+    def fit_argv(self, run: PlannedRun, extra: list[str] | None = None, extra_tags: dict[str, str] | None = None) -> list[str]:
+        tags = cli_value({**run.tags(), **(extra_tags or {})})
+        return [self.python, "-m", "flowmatch", "fit", "--config", str(run.config_path), *run.override_args(), *(extra or []),
+                "--seed_everything", str(run.seed), "--trainer.enable_progress_bar", "false",
+                "--trainer.logger.init_args.tracking_uri", self.tracking_uri,
+                "--trainer.logger.init_args.experiment_name", self.study.experiment,
+                "--trainer.logger.init_args.run_name", run.run_name, "--trainer.logger.init_args.tags", tags]
+
+    def reflow_argv(self, run: PlannedRun, ckpt: Path, out: Path) -> list[str]:
+        opts = {"num_pairs": 50000, "solver": "euler", "steps": 100, **run.reflow}
+        args = [self.python, "-m", "flowmatch", "reflow", "--ckpt", str(ckpt), "--out", str(out), "--seed", str(run.seed), "--progress", "false"]
+        for key, value in opts.items():
+            args += [f"--{key.replace('_', '-')}", cli_value(value)]
+        return args
+
+    # --- the plan --------------------------------------------------------------------------------------------------
+    def execute(self, dry_run: bool = False) -> StudyOutcome:
+        outcome = StudyOutcome()
+        start = time.time()
+        done = {} if self.force else finished_runs(self.tracking_uri, self.study, self.budget)
+        failed_keys: set[tuple[str, int]] = set()
+        for run in self.runs:
+            elapsed = _fmt_time(time.time() - start)
+            prev = done.get(run.key)
+            if prev is not None:
+                self.echo(f"{run.describe()} ... skip: finished run {prev.run_id}{self._headline(prev.metrics)}  [elapsed {elapsed}]")
+                outcome.skipped.append((run, prev.run_id))
+                continue
+            deps = list(dict.fromkeys(d for d in (run.variant.couplings_from, run.variant.init_from) if d))
+            missing = [d for d in deps if (d, run.seed) not in done]
+            if dry_run:
+                after = f" (after {' and '.join(missing)} at seed {run.seed})" if missing else ""
+                self.echo(f"{run.describe()} ... would run{after}")
+                if run.variant.couplings_from:
+                    self.echo(f"    couplings: {shlex.join(self._rel(self.reflow_argv(run, Path('<' + run.variant.couplings_from + ' final.ckpt>'), Path('<couplings>'))))}")
+                self.echo(f"    {shlex.join(self._rel(self.fit_argv(run, self._dep_args_placeholder(run))))}")
+                continue
+            if any((d, run.seed) in failed_keys or (d, run.seed) not in done for d in deps):
+                why = f"needs {', '.join(deps)} at seed {run.seed}, which did not finish"
+                self.echo(f"{run.describe()} ... skip: {why}  [elapsed {elapsed}]")
+                outcome.failed.append((run, why))
+                failed_keys.add(run.key)
+                continue
+            self.echo(f"{run.describe()} ...  [elapsed {elapsed}]")
+            t0 = time.time()
+            try:
+                extra, extra_tags = self._prepare_dependencies(run, done)
+                self._fit(run, extra, extra_tags)
+            except StudyRunError as err:
+                self.echo(f"    FAILED: {err}")
+                outcome.failed.append((run, str(err)))
+                failed_keys.add(run.key)
+                continue
+            found = finished_runs(self.tracking_uri, self.study, self.budget).get(run.key)
+            if found is None:
+                why = f"fit exited normally but no FINISHED MLflow run tagged study={self.study.name} variant={run.variant.name} seed={run.seed} is in {self.tracking_uri}"
+                self.echo(f"    FAILED: {why}")
+                outcome.failed.append((run, why))
+                failed_keys.add(run.key)
+                continue
+            done[run.key] = found
+            outcome.ran.append((run, found.run_id))
+            self.echo(f"    done in {time.time() - t0:.0f} s: run {found.run_id}{self._headline(found.metrics)}")
+        outcome.seconds = time.time() - start
+        return outcome
+
+    def _headline(self, metrics: dict[str, float]) -> str:
+        parts = [f"{k} {metrics[k]:.4g}" for k in self.headline if k in metrics]
+        return f" ({', '.join(parts)})" if parts else ""
+
+    def _rel(self, argv: list[str]) -> list[str]:
+        cwd = Path.cwd()
+        out = []
+        for a in argv:
+            p = Path(a)
+            if p.is_absolute() and a != self.python:
+                try:
+                    a = str(p.relative_to(cwd))
+                except ValueError:
+                    pass
+            out.append("python" if a == self.python else a)
+        return out
+
+    def _dep_args_placeholder(self, run: PlannedRun) -> list[str]:
+        args = []
+        if run.variant.couplings_from:
+            args += ["--data.init_args.path", f"<couplings of {run.variant.couplings_from}>"]
+        if run.variant.init_from:
+            args += ["--model.init_args.init_weights", f"<{run.variant.init_from} final.ckpt>"]
+        return args
+
+    # --- steps --------------------------------------------------------------------------------------------------------
+    def _log(self, name: str) -> Path:
+        path = self.workdir / "logs" / f"{name}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _call(self, argv: list[str], log: Path, what: str) -> None:
+        with open(log, "w") as fh:
+            fh.write("$ " + shlex.join(argv) + "\n")
+            fh.flush()
+            proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
+        if proc.returncode != 0:
+            tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+            raise StudyRunError(f"{what} exited with status {proc.returncode}; log {log}:\n      " + "\n      ".join(tail))
+
+    def _fit(self, run: PlannedRun, extra: list[str], extra_tags: dict[str, str]) -> None:
+        self._call(self.fit_argv(run, extra, extra_tags), self._log(f"{run.variant.name}_seed{run.seed}"), "fit")
+
+    def _final_model(self, source: FinishedRun) -> Path:
+        """The final model of a finished run (its MLflow artifact model/final.ckpt), downloaded once."""
+        import mlflow.artifacts
+
+        dst = self.workdir / "models" / f"{source.variant}_seed{source.seed}_{source.run_id[:12]}"
+        path = dst / FINAL_MODEL_ARTIFACT
+        if not path.is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            try:
+                local = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path=FINAL_MODEL_ARTIFACT, dst_path=str(dst),
+                                                            tracking_uri=self.tracking_uri)
+            except Exception as err:  # noqa: BLE001 - any store error is reported with the run it concerns
+                raise StudyRunError(f"could not download {FINAL_MODEL_ARTIFACT} of run {source.run_id}: {str(err).splitlines()[0]}") from None
+            path = Path(local)
+        return path
+
+    def _prepare_dependencies(self, run: PlannedRun, done: dict[tuple[str, int], FinishedRun]) -> tuple[list[str], dict[str, str]]:
+        """Couplings and initial weights of a reflow / distillation variant: (fit arguments, extra tags)."""
+        args: list[str] = []
+        tags: dict[str, str] = {}
+        if run.variant.couplings_from:
+            source = done[(run.variant.couplings_from, run.seed)]
+            ckpt = self._final_model(source)
+            out = self.workdir / "couplings" / f"{source.variant}_seed{source.seed}_{source.run_id[:12]}"
+            if (out / "manifest.json").is_file():
+                self.echo(f"    couplings of {source.variant} (run {source.run_id[:12]}): reusing {out}")
+            else:
+                t0 = time.time()
+                self._call(self.reflow_argv(run, ckpt, out), self._log(f"reflow_{source.variant}_seed{source.seed}"), "reflow")
+                self.echo(f"    couplings of {source.variant} (run {source.run_id[:12]}) drawn in {time.time() - t0:.0f} s: {out}")
+            args += ["--data.init_args.path", str(out.resolve())]
+            tags["couplings_from_run"] = source.run_id
+        if run.variant.init_from:
+            source = done[(run.variant.init_from, run.seed)]
+            args += ["--model.init_args.init_weights", str(self._final_model(source).resolve())]
+            tags["init_from_run"] = source.run_id
+        return args, tags
+
+
+class StudyRunError(RuntimeError):
+    """A step of a study failed (the message holds the tail of its log)."""
