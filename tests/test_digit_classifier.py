@@ -13,27 +13,13 @@ from flowmatch.classifiers.digits import random_shift
 from flowmatch.data.digits import load_digit_images, split_indices
 from flowmatch.metrics import ensure_feature_network, frechet_distance, load_feature_network
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs/classifier/digits.yaml"
-# a shorter run than the config's 8 epochs (which reach ~99% test accuracy), logged to a real MLflow store
-SHORT = ["--trainer.max_epochs", "4", "--trainer.check_val_every_n_epoch", "4"]
+CONFIG = Path(__file__).resolve().parents[1] / "configs/classifier/digits.yaml"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """ensure_feature_network trains the classifier with `python -m flowmatch fit --config configs/classifier/digits.yaml`."""
-    workdir = tmp_path_factory.mktemp("classifier")
-    target = workdir / "feature_networks" / "digits.ckpt"
-    printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(workdir)  # the run's mlflow.db and runs/ land here
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        # one thread: the 2 cores here are shared by other test processes, and two OpenMP threads
-        # contending with them make this small CNN several times slower
-        mp.setenv("OMP_NUM_THREADS", "1")
-        with contextlib.redirect_stdout(printed):
-            path = ensure_feature_network(str(target), str(CONFIG), overrides=SHORT)
-    return {"path": path, "target": target, "workdir": workdir, "printed": printed.getvalue()}
+@pytest.fixture
+def trained(trained_digit_classifier):
+    """ensure_feature_network trained the classifier with the CLI (tests/conftest.py, once per session)."""
+    return trained_digit_classifier
 
 
 def test_ensure_trains_the_classifier_with_the_cli_then_is_a_no_op(trained):

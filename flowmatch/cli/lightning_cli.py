@@ -45,6 +45,20 @@ def _mlflow_logger_specs(logger_cfg) -> list:
     return out
 
 
+def _model_identity(model) -> dict | None:
+    """What makes two model configs the same model: the objective class and the network's class and sizes."""
+    if model is None or not hasattr(model, "get"):
+        return None
+    out = {"model": model.get("class_path")}
+    network = (model.get("init_args") or {}).get("network") if model.get("init_args") is not None else None
+    if network is not None and hasattr(network, "get"):
+        out["network"] = network.get("class_path")
+        args = network.get("init_args")
+        for key, value in (args.as_dict() if hasattr(args, "as_dict") else dict(args or {})).items():
+            out[f"network.{key}"] = value
+    return out
+
+
 class FlowCLI(LightningCLI):
     def __init__(self, args=None, run=True):
         # `${trainer.max_steps}` in any config file refers to the merged config of the command
@@ -82,6 +96,24 @@ class FlowCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(LogFinalModel, "final_model")
+
+    # --- a checkpoint's model must be the config's model -------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """Lightning rebuilds the model from the checkpoint's hyper-parameters (so a checkpoint loads whatever the
+        config says); refuse when the checkpoint's objective or network contradicts the config's, instead of
+        silently evaluating another model than the one asked for."""
+        sub = self.config.get("subcommand")
+        before = _model_identity(self.config[sub].get("model")) if sub else None
+        super()._parse_ckpt_path()
+        if before is None:
+            return
+        after = _model_identity(self.config[sub].get("model"))
+        if after is not None and after != before:
+            from flowmatch.checkpoints import CheckpointError
+
+            diffs = [f"{k}: config {before[k]!r}, checkpoint {after[k]!r}" for k in before if before[k] != after.get(k)]
+            raise CheckpointError(f"{self.config[sub].get('ckpt_path')} was trained with another model than this config's: "
+                                  + "; ".join(diffs[:6]) + ". Use the config the checkpoint was trained with.")
 
     # --- before anything is built: the tracking server, and the run a resume continues ------------------
     def before_instantiate_classes(self) -> None:

@@ -324,6 +324,31 @@ class FlowObjective(L.LightningModule):
     def on_validation_end(self) -> None:
         self._restore_rng()
 
+    def _check_checkpoint_fits(self, checkpoint: dict) -> None:
+        """Refuse, before any weight is loaded, a checkpoint of another objective or another network (CheckpointError)."""
+        from flowmatch.checkpoints import CheckpointError
+
+        saved = (checkpoint.get("flowmatch") or {}).get("objective")
+        if saved is not None and saved != type(self).__name__:
+            raise CheckpointError(f"the checkpoint was trained with the objective {saved}, but this run's model is "
+                                  f"{type(self).__name__}: use the config it was trained with (or init_weights to start from its network)")
+        state = checkpoint.get("state_dict")
+        if not state:
+            return  # DeepSpeed checkpoints keep the weights in their own shard files
+        self.configure_model()
+        if any(hasattr(p, "ds_numel") for p in self.parameters()):
+            return  # ZeRO-3 partitioned parameters: DeepSpeed checks the shapes itself
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                 if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or wrong:
+            parts = [f"{label} {items[:4]}{' ...' if len(items) > 4 else ''}" for label, items in
+                     (("missing", missing), ("unexpected", unexpected), ("shape (checkpoint vs model)", wrong)) if items]
+            raise CheckpointError(f"the checkpoint's network does not fit this run's {type(self.net).__name__}: " + "; ".join(parts) +
+                                  ". Use the config (network sizes) the checkpoint was trained with.")
+
     # --- checkpoints remember what is generated (and from which data), and the RNG -------------------------
     #: facts about the latent/caption data the model was trained on (text encoders, autoencoder, latent
     #: normalisation, manifest; see flowmatch.data.latent_info), so `sample` can turn prompts into images
@@ -358,6 +383,7 @@ class FlowObjective(L.LightningModule):
             checkpoint["rng_states"] = gather_rng_states(trainer, self._rng_before_eval)  # one entry per rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._check_checkpoint_fits(checkpoint)
         shape = checkpoint.get("flowmatch", {}).get("sample_shape")
         if shape is not None:
             self.sample_shape = tuple(shape)

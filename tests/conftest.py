@@ -1,0 +1,31 @@
+"""Fixtures shared by several test files."""
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSIFIER_CONFIG = REPO / "configs/classifier/digits.yaml"
+# a shorter run than the config's (which reaches ~99% test accuracy), logged to a real MLflow store
+CLASSIFIER_SHORT = ["--trainer.max_epochs", "4", "--trainer.check_val_every_n_epoch", "4"]
+
+
+@pytest.fixture(scope="session")
+def trained_digit_classifier(tmp_path_factory):
+    """The demo's feature network, trained once per session by ensure_feature_network, i.e. by
+    `python -m flowmatch fit --config configs/classifier/digits.yaml` in a fresh process."""
+    from flowmatch.metrics import ensure_feature_network
+
+    workdir = tmp_path_factory.mktemp("classifier")
+    target = workdir / "feature_networks" / "digits.ckpt"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)  # the run's mlflow.db and runs/ land here
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        # one thread: on 2 shared cores two OpenMP threads make this small CNN several times slower
+        mp.setenv("OMP_NUM_THREADS", "1")
+        with contextlib.redirect_stdout(printed):
+            path = ensure_feature_network(str(target), str(CLASSIFIER_CONFIG), overrides=CLASSIFIER_SHORT)
+    return {"path": path, "target": target, "workdir": workdir, "printed": printed.getvalue()}
