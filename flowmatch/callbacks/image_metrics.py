@@ -14,7 +14,7 @@ for label captions, with every sampler setting, and compares them with the split
   for the held-out half's synthetic captions ("a thick, upright seven ...": ``caption_acc_syn_{sampler}``).
 - ``{stage}/nfe_{sampler}``: network evaluations per image (guidance counts its two passes as one).
 
-Sampler names come from the compact specs: "euler25", "euler25:cfg=3" -> euler25_cfg3, "dopri5".
+Sampler names come from the compact specs: "euler25", "euler25:cfg=1.5" -> euler25_cfg1p5, "dopri5".
 The noise is seeded, so numbers and pictures are comparable across validations and runs.
 """
 
@@ -51,7 +51,7 @@ class ImageSampleMetrics(L.Callback):
 
     Args:
         samplers: sampler specs SOLVER[STEPS][:cfg=W][:shift=A], evaluated at every validation during fit
-            and by `validate`, e.g. ["euler25:cfg=3"].
+            and by `validate`, e.g. ["euler25:cfg=1.5"].
         test_samplers: specs for `test` (default: ``samplers``), e.g. Euler 1/2/5/25 and dopri5, each with
             and without guidance.
         feature_network: checkpoint of the feature network (a classifier for caption adherence), or a
@@ -67,7 +67,7 @@ class ImageSampleMetrics(L.Callback):
 
     def __init__(
         self,
-        samplers: list[str] = ["euler25:cfg=3"],
+        samplers: list[str] = ["euler25:cfg=1.5"],
         test_samplers: list[str] | None = None,
         feature_network: str = "runs/feature_networks/digits_classifier/last.ckpt",
         feature_network_config: str | None = "configs/classifier/digits.yaml",
