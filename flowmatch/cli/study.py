@@ -66,6 +66,7 @@ def _list(directory) -> str:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the study prints its own progress
     from flowmatch.studies.spec import STUDIES_DIR, StudyError, available_studies, load_study, plan
     from flowmatch.tracking.server import TrackingServerError, check_tracking_uri
 

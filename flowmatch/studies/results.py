@@ -17,8 +17,10 @@ The study file's ``report`` chooses the analysis:
 
 ``report.claims`` are the paper's qualitative findings, each checked on the means and per seed:
 ``better`` (variant(s) lower than others on a metric, ``at`` final / first / mean_over_training),
-``factor`` (others / variant >= min_factor), ``top`` (among the k best), ``last``. The verdict is
-"agrees" when every claim holds, "does not agree" when none does, else "agrees in part".
+``factor`` (others / variant >= min_factor), ``top`` (among the k best), ``last``. A ``better`` claim
+that holds on the means while a gap is narrower than 2 standard errors of the seed-paired
+differences is marked ≈ (not resolved). The verdict is "agrees" when every claim holds clearly,
+"does not agree" when none holds even on the means, else "agrees in part".
 ``report.discussion`` (optional, hand-written) is printed under the verdict.
 """
 
@@ -116,19 +118,35 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def fmt(v: float | None, digits: int = 3) -> str:
-    """``digits`` decimals (fewer for large numbers), scientific below 1e-3."""
+    """``digits`` decimals between 0.1 and 10, 3 significant digits below 0.1, fewer decimals above 10."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-        return f"{v:.{max(digits - 1, 1)}e}"
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.{digits}f}"
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 1e5:
+        return f"{v:.2e}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 0.1:
+        return f"{v:.{digits}f}"
+    return f"{v:.3g}" if a >= 1e-4 else f"{v:.2e}"
 
 
 def fmt_ms(values: list[float], digits: int = 3) -> str:
-    m, s = mean_std(values)
+    """mean ± std, the std to the mean's decimals (3 significant digits for means below 0.1)."""
+    m, sd = mean_std(values)
     if math.isnan(m):
         return "—"
-    return fmt(m, digits) + ("" if math.isnan(s) else f" ± {fmt(s, digits)}")
+    text = fmt(m, digits)
+    if math.isnan(sd):
+        return text
+    a = abs(m)
+    decimals = None if a < 0.1 or a >= 1e5 else 0 if a >= 100 else 1 if a >= 10 else digits
+    sd_text = fmt(sd, digits) if decimals is None or round(sd, decimals) == 0 else f"{sd:.{decimals}f}"
+    return f"{text} ± {sd_text}"
 
 
 def md_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
@@ -148,9 +166,12 @@ def _as_list(x) -> list[str]:
 
 
 def _sampler_order(sampler: str) -> tuple:
-    m = re.match(r"^([a-z_]+?)(\d*)$", sampler)
-    solver, steps = (m.group(1), int(m.group(2) or 0)) if m else (sampler, 0)
-    return (solver == "dopri5", solver, steps)
+    """euler1 < euler2 < ... < heun4 < dopri5 (adaptive last)."""
+    if sampler.startswith("dopri5"):
+        return (True, sampler, 0)
+    m = re.match(r"^([a-z_]+?)(\d*)((:.*)?)$", sampler)
+    solver, steps = (m.group(1) + m.group(3), int(m.group(2) or 0)) if m else (sampler, 0)
+    return (False, solver, steps)
 
 
 # --- claims ----------------------------------------------------------------------------------------------------
@@ -168,8 +189,9 @@ def _metric_value(rec: RunRecord, metric: str, at: str) -> float | None:
 
 
 def check_claim(claim: dict, runs: dict[tuple[str, int], RunRecord], seeds: list[int], metric: str | None = None,
-                ranks: dict[str, list[float]] | None = None) -> tuple[bool, str]:
-    """(holds on the means, a short account with the per-seed count). ``ranks``: variant -> per-seed ranks (ranking studies)."""
+                ranks: dict[str, list[float]] | None = None) -> tuple[bool | None, str]:
+    """(holds: True / False, or None when it holds on the means but a gap is under 2 standard errors of the
+    seed-paired differences; a short account with the per-seed count). ``ranks``: variant -> per-seed ranks."""
     kind = claim.get("kind")
     metric = claim.get("metric", metric)
     at = claim.get("at", "final")
@@ -195,9 +217,12 @@ def check_claim(claim: dict, runs: dict[tuple[str, int], RunRecord], seeds: list
             means = {v: float(np.mean([vals[v][s] for s in common])) for v in vals}
             holds = all(means[w] < means[loser] for w in winners for loser in losers)
             seeds_ok = sum(all(vals[w][s] < vals[loser][s] for w in winners for loser in losers) for s in common)
-            detail = ", ".join(f"{v} {fmt(means[v])}" for v in winners + losers)
             what = "mean ranks" if ranks is not None and "metric" not in claim else f"means of {metric}" + ("" if at == "final" else f" ({at.replace('_', ' ')})")
-            return holds, f"{what}: {detail}; holds in {seeds_ok}/{len(common)} seeds"
+            detail = ", ".join(f"{v} {fmt(means[v])}" for v in winners + losers)
+            text = f"{what}: {detail}; holds in {seeds_ok}/{len(common)} seeds"
+            if holds and not _clear(vals, winners, losers, common):
+                return None, text + "; the margin is within the seed-to-seed spread"
+            return holds, text
         factor = float(claim.get("min_factor", 1.0))
         ratios = [min(vals[loser][s] for loser in losers) / vals[winners[0]][s] for s in common]
         m, sd = mean_std(ratios)
@@ -222,20 +247,42 @@ def check_claim(claim: dict, runs: dict[tuple[str, int], RunRecord], seeds: list
     raise ValueError(f"unknown claim kind {kind!r} (better, factor, top, last)")
 
 
-def verdict(results: list[bool], paper: str) -> str:
-    if results and all(results):
+def _clear(vals: dict[str, dict[int, float]], winners: list[str], losers: list[str], seeds: list[int]) -> bool:
+    """Every winner-loser gap, paired by seed, is at least 2 standard errors wide (needs >= 2 seeds)."""
+    if len(seeds) < 2:
+        return False
+    for w in winners:
+        for loser in losers:
+            diffs = np.array([vals[loser][s] - vals[w][s] for s in seeds])
+            se = diffs.std(ddof=1) / math.sqrt(len(diffs))
+            if diffs.mean() < 2 * se or diffs.mean() <= 0:
+                return False
+    return True
+
+
+def verdict(results: list[bool | None], paper: str) -> str:
+    """``None``: holds on the means, but within the noise."""
+    clear = sum(r is True for r in results)
+    noisy = sum(r is None for r in results)
+    if results and clear == len(results):
         return f"**Agrees with {paper}**"
-    if not any(results):
+    if clear == 0 and noisy == 0:
         return f"**Does not agree with {paper}**"
-    return f"**Agrees with {paper} in part** ({sum(results)} of {len(results)} checks hold)"
+    note = f"{clear} of {len(results)} checks hold clearly" + (f", {noisy} only within the noise" if noisy else "")
+    return f"**Agrees with {paper} in part** ({note})" if clear else f"**Does not clearly agree with {paper}** ({note})"
+
+
+def _paper(table: dict, variant: str, column: str) -> str:
+    value = table.get(variant, {}).get(column)
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _n(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _mark(ok: bool) -> str:
-    return "✓" if ok else "✗"
+def _mark(ok: bool | None) -> str:
+    return "≈" if ok is None else "✓" if ok else "✗"
 
 
 # --- analyses ----------------------------------------------------------------------------------------------------
@@ -295,8 +342,8 @@ def ranking_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Sectio
     for v in order:
         row = [_label(study, v)]
         for col in columns:
-            row += [fmt(paper_ranks.get(v, {}).get(col["paper"]), 2), fmt_ms(ranks[col["label"]][v], 2)]
-        row += [fmt(paper_ranks.get(v, {}).get("all"), 2), fmt_ms(all_ranks[v], 2)]
+            row += [_paper(paper_ranks, v, col["paper"]), fmt_ms(ranks[col["label"]][v], 2)]
+        row += [_paper(paper_ranks, v, "all"), fmt_ms(all_ranks[v], 2)]
         rows.append(row)
     sec.body.append(md_table(header, rows))
 
@@ -321,7 +368,7 @@ def ranking_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Sectio
         word = "matches" if rho >= 0.7 else "partly matches" if rho >= 0.3 else "does not match"
         col_verdicts.append((label, pcol, word, rho))
         rho_rows.append([f"ours {label} vs SD3 {pcol}", f"{rho:.2f} (p = {p:.2g})",
-                         f"{fmt(m, 2)}{'' if math.isnan(sd) else ' ± ' + fmt(sd, 2)} (min {min(per_seed):.2f}, max {max(per_seed):.2f})", word])
+                         f"{m:.2f}{'' if math.isnan(sd) else f' ± {sd:.2f}'} (min {min(per_seed):.2f}, max {max(per_seed):.2f})", word])
     sec.body.append(md_table(["comparison", "rho of mean ranks", "rho per seed, mean ± std", "order"], rho_rows, "lrrl"))
 
     png = _ranking_plots(study, runs, seeds, variants, columns, ranks, paper_ranks, out_dir)
@@ -337,9 +384,14 @@ def ranking_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Sectio
             checks.append(ok)
             parts.append(f"{col['label']}: {_mark(ok)} ({detail})")
         lines.append(f"- {claim.get('text', claim)} — " + "; ".join(parts))
-    sec.body.append("\nSD3's findings, checked on our mean ranks (and per seed):\n\n" + "\n".join(lines))
+    sec.body.append("\nSD3's findings, checked on our mean ranks (and per seed) (✓ holds, ≈ holds on the means but a gap is within 2 standard errors of the seed-paired differences, ✗ does not hold):\n\n" + "\n".join(lines))
     order_words = "; ".join(f"our {label} order {word} SD3's {pcol} order (rho {rho:.2f})" for label, pcol, word, rho in col_verdicts)
-    sec.body.append(f"\n{verdict(checks, 'SD3')}: {order_words}. {_n(len(seeds), 'seed')}.")
+    words = [w for _, _, w, _ in col_verdicts]
+    head = ("**Agrees with SD3**" if words and all(w == "matches" for w in words)
+            else "**Does not agree with SD3**" if all(w == "does not match" for w in words) else "**Agrees with SD3 in part**")
+    clear, noisy = sum(c is True for c in checks), sum(c is None for c in checks)
+    sec.body.append(f"\n{head}: {order_words}. Of SD3's qualitative findings above, {clear} of {len(checks)} checks hold"
+                    + (f" ({noisy} more only within the noise)" if noisy else "") + f". {_n(len(seeds), 'seed')}.")
     return sec
 
 
@@ -392,7 +444,7 @@ def training_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Secti
     samplers = sorted({m.group("sampler") for r in runs.values() for k in r.metrics if (m := W2_KEY.match(k)) and f"val/nfe_{m.group('sampler')}" in r.metrics},
                       key=_sampler_order)
     # final quality per sampler
-    header = ["variant", "`val/loss`"] + [f"W2 {s} (NFE {fmt(mean_std([r.metrics.get(f'val/nfe_{s}') for r in runs.values() if f'val/nfe_{s}' in r.metrics])[0], 3)})" if s == "dopri5" else f"W2 {s}" for s in samplers]
+    header = ["variant", "`val/loss`"] + [f"W2 {s}" for s in samplers]
     if "dopri5" in samplers:
         header.append("dopri5 NFE")
     rows = []
@@ -402,7 +454,8 @@ def training_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Secti
             row.append(fmt_ms(_values(runs, v, "val/nfe_dopri5"), 3))
         rows.append(row)
     n_per = {v: len(_values(runs, v, "val/loss")) for v in variants}
-    sec.body.append(f"Final validation ({', '.join(f'{_label(study, v)}: {n} seeds' for v, n in n_per.items())}); W2 per sampler "
+    counts = ", ".join(f"{_label(study, v)}: {_n(n, 'seed')}" for v, n in n_per.items())
+    sec.body.append(f"Final validation ({counts}); W2 per sampler "
                     "(euler N = N network evaluations), mean ± std over seeds. `val/loss` is each objective's own "
                     "regression loss (velocity, eps or v) and is not comparable across objectives.\n")
     sec.body.append(md_table(header, rows))
@@ -428,7 +481,7 @@ def training_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Secti
         ok, detail = check_claim(claim, runs, seeds)
         checks.append(ok)
         lines.append(f"- {claim.get('text', claim)}: {_mark(ok)} ({detail})")
-    sec.body.append("\nThe paper's claims, checked on the means over seeds (and per seed):\n\n" + "\n".join(lines))
+    sec.body.append("\nThe paper's claims, checked on the means over seeds (and per seed) (✓ holds, ≈ holds on the means but a gap is within 2 standard errors of the seed-paired differences, ✗ does not hold):\n\n" + "\n".join(lines))
     sec.body.append(f"\n{verdict(checks, rep.get('paper_name', 'the paper'))}. {_n(len(seeds), 'seed')}.")
     return sec
 
@@ -508,7 +561,7 @@ def reflow_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Section
         row = [_label(study, v), str(len([1 for (vv, _) in runs if vv == v]))]
         row += [fmt_ms(_values(runs, v, c["metric"])) for c in columns]
         if paper.get("values"):
-            row.append(fmt(paper["values"].get(v)))
+            row.append(f"{paper['values'][v]:g}" if v in paper["values"] else "—")
         rows.append(row)
     sec.body.append("Final validation, mean ± std over seeds (straightness is the RF paper's S of the sampling paths, "
                     "100 Euler steps from 1,000 fixed noise points; the distilled students are one-step maps, so S is not measured). "
@@ -522,7 +575,7 @@ def reflow_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Section
         ok, detail = check_claim(claim, runs, seeds)
         checks.append(ok)
         lines.append(f"- {claim.get('text', claim)}: {_mark(ok)} ({detail})")
-    sec.body.append("\nThe paper's claims, checked on the means over seeds (and per seed):\n\n" + "\n".join(lines))
+    sec.body.append("\nThe paper's claims, checked on the means over seeds (and per seed) (✓ holds, ≈ holds on the means but a gap is within 2 standard errors of the seed-paired differences, ✗ does not hold):\n\n" + "\n".join(lines))
     sec.body.append(f"\n{verdict(checks, rep.get('paper_name', 'the RF paper'))}. {_n(len(seeds), 'seed')}.")
     return sec
 
@@ -533,14 +586,16 @@ def _reflow_plots(study, runs, variants, columns, out_dir: Path) -> list[Path]:
     ax = axes[0]
     for i, v in enumerate(variants):
         samplers = sorted({m.group("sampler") for (vv, _), r in runs.items() if vv == v for k in r.metrics if (m := W2_KEY.match(k))}, key=_sampler_order)
-        pts = [(mean_std(_values(runs, v, f"val/nfe_{s}"))[0], mean_std(_values(runs, v, f"val/w2_{s}"))) for s in samplers
-               if _values(runs, v, f"val/nfe_{s}")]
-        if pts:
-            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[0 if math.isnan(p[1][1]) else p[1][1] for p in pts],
-                        color=_color(i), marker="o", capsize=3, label=_label(study, v), linestyle="-" if "distill" not in v else ":")
+        for adaptive in (False, True):  # Euler steps as a line, dopri5 as its own marker
+            pts = [(mean_std(_values(runs, v, f"val/nfe_{s}"))[0], mean_std(_values(runs, v, f"val/w2_{s}"))) for s in samplers
+                   if _values(runs, v, f"val/nfe_{s}") and (s == "dopri5") == adaptive]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[0 if math.isnan(p[1][1]) else p[1][1] for p in pts],
+                            color=_color(i), marker="D" if adaptive else "o", capsize=3, label=None if adaptive else _label(study, v),
+                            linestyle="none" if adaptive else "-" if "distill" not in v else ":")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("NFE (Euler 1, 2, 8 steps; dopri5)")
+    ax.set_xlabel("NFE (circles: Euler 1, 2, 8 steps; diamonds: dopri5)")
     ax.set_ylabel("final W2 (lower is better)")
     ax.set_title("W2 vs NFE, mean ± std over seeds")
     ax.grid(alpha=0.3, which="both")
@@ -634,5 +689,24 @@ def write_results(study: Study, budget: str, tracking_uri: str, out: str | Path 
     sec = ANALYSES[kind](study, runs, out_dir, out_dir.name)
     section = render_section(study, budget, runs, sec, tracking_uri, command or f"python -m flowmatch study {study.name} --budget {budget} --report-only")
     text = md.read_text(encoding="utf-8") if md.is_file() else ""
-    md.write_text(replace_section(text, study.name, section), encoding="utf-8")
+    md.write_text(with_summary(replace_section(text, study.name, section)), encoding="utf-8")
     return md, sec.pngs
+
+
+SECTION = re.compile(r"<!-- study:(?P<name>[A-Za-z0-9_.-]+) begin -->\n## (?P<title>[^\n]*)\n(?P<body>.*?)<!-- study:(?P=name) end -->", re.S)
+VERDICT = re.compile(r"^(\*\*(?:Agrees|Does not)[^*]*\*\*.*)$", re.M)
+
+
+def with_summary(text: str) -> str:
+    """The file with its summary (one line per study section: its verdict) rebuilt after the header."""
+    lines = []
+    for m in SECTION.finditer(text):
+        v = VERDICT.search(m.group("body"))
+        anchor = re.sub(r"[^a-z0-9 -]", "", m.group("title").lower()).replace(" ", "-")
+        lines.append(f"- [{m.group('title')}](#{anchor}) (`{m.group('name')}`): {v.group(1) if v else '(no verdict)'}")
+    block = "<!-- summary begin -->\n## Summary\n\n" + "\n".join(lines) + "\n<!-- summary end -->"
+    if "<!-- summary begin -->" in text:
+        head, rest = text.split("<!-- summary begin -->", 1)
+        return head + block + rest.split("<!-- summary end -->", 1)[1]
+    first = text.find("<!-- study:")
+    return text[:first].rstrip("\n") + "\n\n" + block + "\n\n" + text[first:] if first >= 0 else text

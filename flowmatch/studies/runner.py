@@ -223,7 +223,7 @@ class StudyRunner:
         import mlflow.artifacts
 
         dst = self.workdir / "models" / f"{source.variant}_seed{source.seed}_{source.run_id[:12]}"
-        path = dst / FINAL_MODEL_ARTIFACT
+        path = dst / Path(FINAL_MODEL_ARTIFACT).name  # where MLflow puts a single downloaded file
         if not path.is_file():
             dst.mkdir(parents=True, exist_ok=True)
             try:
