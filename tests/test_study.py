@@ -89,58 +89,67 @@ def test_dry_run_prints_the_plan_with_reflow_steps(tmp_path, capsys):
 
 # --- a tiny real study ----------------------------------------------------------------------------------------
 TINY = """
-description: two tiny rectified flows (test)
+description: a tiny rectified flow and its 2-rectified flow (test)
 experiment: tiny
-base: {base}
+base: {exp}/toy2d_rf.yaml
 overrides:
   model.init_args.network.init_args.hidden: 32
-  trainer.callbacks: [{{class_path: flowmatch.callbacks.PointSampleMetrics, init_args: {{samplers: [euler2, euler4], num_samples: 200, plot: false}}}}]
+  trainer.callbacks: [{{class_path: flowmatch.callbacks.PointSampleMetrics, init_args: {{samplers: [euler1, euler4], num_samples: 200, plot: false}}}}]
   trainer.enable_checkpointing: false
-  final_model.log: false
-  data.init_args.num_train: 2000
 variants:
-  uniform: {{label: rf}}
-  lognorm: {{label: rf/lognorm, overrides: {{model.init_args.time_sampler: {{class_path: flowmatch.time_samplers.LogitNormalTime}}}}}}
+  one: {{label: 1-RF, overrides: {{data.init_args.num_train: 2000}}}}
+  two: {{label: 2-RF, config: {exp}/toy2d_reflow.yaml, couplings_from: one, init_from: one, overrides: {{data.init_args.num_val: 500}}}}
+reflow: {{num_pairs: 1500, solver: euler, steps: 10}}
 budgets:
   small: {{seeds: 1, overrides: {{trainer.max_steps: 20, trainer.val_check_interval: 10, trainer.log_every_n_steps: 5}}}}
 report:
   kind: ranking
-  headline: [val/w2_euler2]
-  columns: [{{metric: val/w2_euler2, label: 2 steps, paper: few}}, {{metric: val/w2_euler4, label: 4 steps, paper: many}}]
-  paper: {{ranks: {{lognorm: {{all: 1, few: 1, many: 1}}, uniform: {{all: 2, few: 2, many: 2}}}}}}
-  claims: [{{kind: top, variant: lognorm, k: 1, text: lognorm is best}}]
+  headline: [val/w2_euler1]
+  columns: [{{metric: val/w2_euler1, label: 1 step, paper: few}}, {{metric: val/w2_euler4, label: 4 steps, paper: many}}]
+  paper: {{ranks: {{two: {{all: 1, few: 1, many: 1}}, one: {{all: 2, few: 2, many: 2}}}}}}
+  claims: [{{kind: top, variant: two, k: 1, text: 2-RF is best}}]
 """
 
 
 def test_a_real_study_runs_resumes_and_is_written_up(tmp_path, monkeypatch, capsys):
+    """1-RF, then its couplings (the real reflow command, from the 1-RF's final model in MLflow), then a 2-RF
+    started from its weights; run again, nothing runs; the write-up's tables carry the real run ids."""
     from mlflow.tracking import MlflowClient
+
+    from flowmatch.reflow import read_manifest
 
     monkeypatch.chdir(tmp_path)  # the fits write runs/ and mlruns/ into the working directory
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     study_file = tmp_path / "tiny.yaml"
-    study_file.write_text(TINY.format(base=REPO / "experiments" / "toy2d_rf.yaml"))
+    study_file.write_text(TINY.format(exp=REPO / "experiments"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["study", str(study_file), "--budget", "small", "--tracking_uri", uri, "--out", str(tmp_path / "docs" / "results"),
             "--workdir", str(tmp_path / "w"), "--threads", "1"]
     assert flowmatch_main(argv) == 0, capsys.readouterr()
     out = capsys.readouterr().out
-    assert re.search(r"\[1/2\] tiny uniform seed 0 \.\.\.  \[elapsed 0:00:\d\d\]", out), out
-    assert re.search(r"done in \d+ s: run [0-9a-f]{32} \(val/w2_euler2 [0-9.]+\)", out), out
+    assert re.search(r"\[1/2\] tiny one seed 0 \.\.\.  \[elapsed 0:00:\d\d\]", out), out
+    assert re.search(r"done in \d+ s: run [0-9a-f]{32} \(val/w2_euler1 [0-9.]+\)", out), out
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("tiny")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    tags = {r.data.tags["variant"]: r.data.tags for r in runs}
-    assert tags["lognorm"]["study"] == "tiny" and tags["lognorm"]["seed"] == "0" and tags["lognorm"]["budget"] == "small"
-    assert tags["lognorm"]["time_sampler"] == "LogitNormalTime" and tags["uniform"]["time_sampler"] == "UniformTime"
+    by = {r.data.tags["variant"]: r for r in runs}
+    ids = {v: r.info.run_id for v, r in by.items()}
+    tags = by["two"].data.tags
+    assert (tags["study"], tags["seed"], tags["budget"], tags["study_label"]) == ("tiny", "0", "small", "2-RF")
+    assert tags["couplings_from_run"] == tags["init_from_run"] == ids["one"]
     assert all(r.data.params["trainer.max_steps"] == "20" for r in runs)
-    ids = {r.data.tags["variant"]: r.info.run_id for r in runs}
+    couplings = tmp_path / "w" / "tiny" / "small" / "couplings" / f"one_seed0_{ids['one'][:12]}"
+    manifest = read_manifest(couplings)
+    assert manifest["count"] == 1500 and manifest["seed"] == 0
+    assert by["two"].data.params["data.path"] == str(couplings)
+    assert by["two"].data.params["model.init_weights"].endswith(f"one_seed0_{ids['one'][:12]}/final.ckpt")
 
     # run again: both are skipped, nothing new in the store
     assert flowmatch_main(argv) == 0
     out = capsys.readouterr().out
-    assert f"[1/2] tiny uniform seed 0 ... skip: finished run {ids['uniform']}" in out
-    assert f"[2/2] tiny lognorm seed 0 ... skip: finished run {ids['lognorm']}" in out
+    assert f"[1/2] tiny one seed 0 ... skip: finished run {ids['one']}" in out
+    assert f"[2/2] tiny two seed 0 ... skip: finished run {ids['two']}" in out
     assert "0 ran, 2 already done, 0 failed" in out
     assert len(client.search_runs([exp.experiment_id])) == 2
 
@@ -149,14 +158,15 @@ def test_a_real_study_runs_resumes_and_is_written_up(tmp_path, monkeypatch, caps
     assert md.startswith("# Results") and "<!-- study:tiny begin -->" in md and "<!-- study:tiny end -->" in md
     for variant, rid in ids.items():
         row = next(line for line in md.splitlines() if f"`{rid}`" in line)
-        value = next(r for r in runs if r.info.run_id == rid).data.metrics["val/w2_euler2"]
-        assert row.startswith(f"| {'rf' if variant == 'uniform' else 'rf/lognorm'} | 0 | `{rid}` | 20 |") and f"{value:.3f}" in row
-    assert "| variant | SD3 few | ours, 2 steps | SD3 many | ours, 4 steps | SD3 all | ours, all |" in md
-    assert re.search(r"\*\*(Agrees with SD3|Does not agree with SD3)", md)
+        value = by[variant].data.metrics["val/w2_euler1"]
+        assert row.startswith(f"| {'1-RF' if variant == 'one' else '2-RF'} | 0 | `{rid}` | 20 |") and f"{value:.3f}" in row
+    assert "| variant | SD3 few | ours, 1 step | SD3 many | ours, 4 steps | SD3 all | ours, all |" in md
+    assert re.search(r"\*\*(Agrees with SD3|Does not agree with SD3)", md) and "## Summary" in md
     for png in ("tiny_w2.png", "tiny_ranks.png"):
         assert (tmp_path / "docs" / "results" / png).stat().st_size > 5000
     # report-only rewrites the section in place; another study's section is kept
-    (tmp_path / "docs" / "results.md").write_text(md + "\n<!-- study:other begin -->\nkept\n<!-- study:other end -->\n")
+    (tmp_path / "docs" / "results.md").write_text(md + "\n<!-- study:other begin -->\n## Other\nkept\n<!-- study:other end -->\n")
     assert flowmatch_main(argv + ["--report-only"]) == 0
     md2 = (tmp_path / "docs" / "results.md").read_text()
-    assert md2.count("<!-- study:tiny begin -->") == 1 and "kept" in md2 and ids["uniform"] in md2
+    assert md2.count("<!-- study:tiny begin -->") == 1 and "kept" in md2 and ids["one"] in md2
+    assert "(`other`): (no verdict)" in md2  # the summary lists every section
