@@ -128,11 +128,12 @@ class StudyRunner:
     def execute(self, dry_run: bool = False) -> StudyOutcome:
         outcome = StudyOutcome()
         start = time.time()
-        done = {} if self.force else finished_runs(self.tracking_uri, self.study, self.budget)
+        # finished runs: skipped unless --force, and always the source of a reflow step's model (updated as fits finish)
+        done = finished_runs(self.tracking_uri, self.study, self.budget)
         failed_keys: set[tuple[str, int]] = set()
         for run in self.runs:
             elapsed = _fmt_time(time.time() - start)
-            prev = done.get(run.key)
+            prev = None if self.force else done.get(run.key)
             if prev is not None:
                 self.echo(f"{run.describe()} ... skip: finished run {prev.run_id}{self._headline(prev.metrics)}  [elapsed {elapsed}]")
                 outcome.skipped.append((run, prev.run_id))
