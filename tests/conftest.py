@@ -29,3 +29,15 @@ def trained_digit_classifier(tmp_path_factory):
         with contextlib.redirect_stdout(printed):
             path = ensure_feature_network(str(target), str(CLASSIFIER_CONFIG), overrides=CLASSIFIER_SHORT)
     return {"path": path, "target": target, "workdir": workdir, "printed": printed.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest single-threaded (and do not stall when other jobs share the cores).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

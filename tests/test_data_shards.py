@@ -31,12 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARD = 4  # samples per shard in the test set: 13 train, 2 val, 2 test shards from 64 digits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,7 @@ from flowmatch.networks.layers import sincos_pos_embed_2d
 TINY = dict(size=None, depth=2, hidden_size=32, num_heads=2, in_channels=4, input_size=8, patch_size=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded (and do not stall when other jobs share the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def randomize(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:

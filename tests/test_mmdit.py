@@ -8,13 +8,7 @@ from flowmatch.networks.mmdit import MMDiT, MMDiTBlock, mmdit_param_count, sd3_u
 TINY = dict(depth=2, hidden_size=32, num_heads=2, in_channels=4, pooled_dim=12, context_dim=20, pos_embed_max_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded (and do not stall when other jobs share the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def randomize(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:

@@ -25,13 +25,7 @@ CROSS = dict(DIT, pooled_dim=12, context_dim=20)
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded (and do not stall when other jobs share the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def randomize(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:

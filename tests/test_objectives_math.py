@@ -19,12 +19,7 @@ from flowmatch.objectives import EpsDDPM, FlowMatching, NonFiniteLossError, Rect
 from flowmatch.sampling import SamplerConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def ldm_alphabar(t: torch.Tensor) -> torch.Tensor:

@@ -27,12 +27,7 @@ NET = {"depth": 1, "hidden_size": 32, "num_heads": 2, "in_channels": 16, "pooled
 FAST = ["--steps", "3", "--num", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _objective(network: dict, build, sample_shape: list[int]) -> RectifiedFlow:

@@ -18,13 +18,7 @@ TINY = dict(depth=2, hidden_size=16, num_heads=2, in_channels=4, pooled_dim=16, 
             pos_embed_max_size=16, pos_embed_base_size=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded (and do not stall when other jobs share the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def randomize(model: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:

@@ -18,12 +18,7 @@ WORDS = "a an the thin thick upright slanted small large seven eight one two dig
 CAPTIONS = ["a thick seven", "an 8", "a thin , slanted small digit in the centre of the left"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def save_tokenizer(path, bos: str | None, eos: str, pad: str, unk: str, extra: list[str] = ()) -> dict:

@@ -9,11 +9,11 @@ USAGE = """usage: python -m flowmatch COMMAND [options]
 Train and compare flow-matching generators (flow matching, rectified flow, eps-DDPM).
 
 commands:
-  fit        train a model            python -m flowmatch fit --config experiments/toy2d_rf.yaml
-  validate   SD3 validation loss (+ sample metrics) of a checkpoint: --config ... --ckpt_path CKPT
+  fit        train a model            python -m flowmatch fit --config experiments/mmdit_d16.yaml   (the main job)
+  validate   SD3 validation loss and sample metrics (FD, caption adherence, W2) of a checkpoint: --config ... --ckpt_path CKPT
   test       the same on the test split
   predict    Lightning's predict loop
-  sample     draw samples from a checkpoint: --ckpt CKPT --steps 8 --solver euler --out samples/
+  sample     draw samples from a checkpoint: --ckpt CKPT --prompts "a 7" --guidance 1.5 --steps 25 --out samples/
   import-sd3 convert a local diffusers SD3 transformer directory into a flowmatch checkpoint: DIR --out model.ckpt
   prepare    images + captions -> latent/caption shards: --source demo --out data/demo
   compare    HTML report comparing MLflow runs: --experiment NAME --out report/
