@@ -99,13 +99,18 @@ def test_autoencoder_config_trains_with_the_platform_cli(tmp_path, monkeypatch, 
     assert rc == 0, err[-3000:]
 
 
-def test_diffusers_autoencoder_kl_from_a_local_directory(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+def save_tiny_vae(diffusers, path) -> None:
+    """A tiny diffusers AutoencoderKL (16 latent channels, downsampling 2, SD3's shift and scale), saved to path."""
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                                   layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609)
-    vae.save_pretrained(tmp_path / "vae")
+    vae.save_pretrained(path)
+
+
+def test_diffusers_autoencoder_kl_from_a_local_directory(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    save_tiny_vae(diffusers, tmp_path / "vae")
     ae = load_autoencoder(str(tmp_path / "vae"))
     assert (ae.image_channels, ae.latent_channels, ae.downsample) == (3, 16, 2)
     assert (ae.default_shift, ae.default_scale) == (0.0609, 1.5305)  # SD3's normalisation travels with the VAE
@@ -123,11 +128,7 @@ def test_prepare_with_a_diffusers_vae_takes_its_normalisation(tmp_path):
     from flowmatch.data.prepare import PrepareConfig, prepare_shards
     from flowmatch.data.shards import LatentShardDataModule
 
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609)
-    vae.save_pretrained(tmp_path / "vae")
+    save_tiny_vae(diffusers, tmp_path / "vae")
     manifest = prepare_shards(PrepareConfig(out=str(tmp_path / "set"), autoencoder=str(tmp_path / "vae"), size=16, limit=8,
                                             text_encoders=[], progress=False), log=lambda *_: None)
     assert manifest["latent"]["shape"] == [16, 8, 8] and (manifest["latent"]["shift"], manifest["latent"]["scale"]) == (0.0609, 1.5305)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers_models import randomize
 from flowmatch.networks.crossdit import CrossDiT
 from flowmatch.networks.dit import DIT_SIZES, DiT, dit_param_count
 from flowmatch.networks.layers import sincos_pos_embed_2d
@@ -12,15 +13,6 @@ TINY = dict(size=None, depth=2, hidden_size=32, num_heads=2, in_channels=4, inpu
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
-
-
-def randomize(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
-    """Give every parameter (the zero-initialised ones included) a random value."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def test_shape_zero_output_and_identity_blocks_at_init():

@@ -3,21 +3,13 @@
 import pytest
 import torch
 
+from helpers_models import randomize
 from flowmatch.networks.mmdit import MMDiT, MMDiTBlock, mmdit_param_count, sd3_unused_query_params
 
 TINY = dict(depth=2, hidden_size=32, num_heads=2, in_channels=4, pooled_dim=12, context_dim=20, pos_embed_max_size=8)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
-
-
-def randomize(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
-    """Give every parameter (the zero-initialised ones included) a random value."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def make_cond(b=2, length=7, context_dim=20, pooled_dim=12, length_2=None, context_dim_2=None):

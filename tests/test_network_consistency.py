@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 
+from helpers_models import randomize
 from flowmatch.networks.crossdit import CrossDiT
 from flowmatch.networks.dit import DiT
 from flowmatch.networks.layers import NetworkStateError, load_network_state
@@ -28,15 +29,6 @@ ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
-def randomize(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
-    """Random values for every parameter (the zero-initialised ones included); eval mode."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
-
-
 def build(kind: str) -> torch.nn.Module:
     return randomize({
         "dit_labels": lambda: DiT(**DIT, num_classes=10),
@@ -44,7 +36,7 @@ def build(kind: str) -> torch.nn.Module:
         "mmdit": lambda: MMDiT(**MMDIT, qk_norm=True),
         "mmdit3": lambda: MMDiT(**MMDIT, context_dim_2=6),
         "crossdit": lambda: CrossDiT(**CROSS, qk_norm=True),
-    }[kind]())
+    }[kind]()).eval()
 
 
 def make_inputs(kind: str, b: int = 4, seed: int = 0):

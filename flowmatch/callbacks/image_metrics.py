@@ -21,7 +21,6 @@ The noise is seeded, so numbers and pictures are comparable across validations a
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -92,14 +91,14 @@ class ImageSampleMetrics(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         from flowmatch.metrics.frechet import ensure_feature_network, load_feature_network
 
-        path = ensure_feature_network(self.feature_network_path, _resolve_config(self.feature_network_config))
+        path = ensure_feature_network(self.feature_network_path, self.feature_network_config)
         self._features = load_feature_network(path)
 
     def _reference_for(self, trainer, split: str) -> dict:
         """The split's halves A / B as images, A's conditions, the label captions' conditions, and FD(A, B)."""
         if split in self._reference:
             return self._reference[split]
-        from flowmatch.metrics.frechet import frechet_distance
+        from flowmatch.metrics.frechet import frechet_distance, frechet_metric
 
         dm = trainer.datamodule
         for need in ("reference_batch", "decode", "encode_captions", "num_samples"):
@@ -122,6 +121,8 @@ class ImageSampleMetrics(L.Callback):
             "labels_l": torch.arange(len(self.class_captions)).repeat_interleave(self.per_class),
         }
         ref["fd_real"] = frechet_distance(ref["real_a"], ref["real_b"], self._features)
+        ref["fd_metric"] = frechet_metric(self._features, reset_real_features=False)  # B's statistics, computed once
+        ref["fd_metric"].update(ref["real_b"], real=True)
         self._reference[split] = ref
         return ref
 
@@ -129,8 +130,6 @@ class ImageSampleMetrics(L.Callback):
     def _evaluate(self, trainer, pl_module, stage: str, samplers) -> None:
         if trainer.sanity_checking:
             return
-        from flowmatch.metrics.frechet import frechet_distance
-
         dm = trainer.datamodule
         ref = self._reference_for(trainer, "test" if stage == "test" else "val")
         cond = _concat_cond(ref["cond_a"], ref["cond_labels"])
@@ -145,7 +144,10 @@ class ImageSampleMetrics(L.Callback):
             images = dm.decode(x.float()).float().cpu()
             gen_a, gen_l = images[:n_a], images[n_a:]
             name = sampler.name
-            fd = frechet_distance(gen_a, ref["real_b"], self._features)
+            metric = ref["fd_metric"]
+            metric.reset()  # keeps the real half's statistics
+            metric.update(gen_a, real=False)
+            fd = float(metric.compute())
             row = {"sampler": name, "nfe": nfe, "fd": fd, "fd_ratio": fd / max(ref["fd_real"], 1e-12)}
             if classifies:
                 pred_l = self._features.predict(gen_l)
@@ -176,16 +178,6 @@ class ImageSampleMetrics(L.Callback):
 
     def on_test_epoch_end(self, trainer, pl_module):
         self._evaluate(trainer, pl_module, "test", self.test_samplers)
-
-
-def _resolve_config(path: str | None) -> str | None:
-    """A config path as given, or relative to the repository when it is not found from the working directory."""
-    if path is None or Path(path).is_file() or Path(path).is_absolute():
-        return path
-    import flowmatch
-
-    in_repo = Path(flowmatch.__file__).resolve().parents[1] / path
-    return str(in_repo) if in_repo.is_file() else path
 
 
 def _uses_ema(trainer) -> bool:

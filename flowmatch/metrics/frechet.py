@@ -191,6 +191,7 @@ def ensure_feature_network(path: str, train_config: str | None, overrides: list[
     if train_config is None:
         raise FeatureNetworkError(f"feature network {path}: no such file, and no training config to make it "
                                   "(e.g. configs/classifier/digits.yaml)")
+    train_config = _resolve_config(train_config)
     if not Path(train_config).is_file():
         raise FeatureNetworkError(f"feature network {path} is missing and its training config {train_config} does not exist")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +204,17 @@ def ensure_feature_network(path: str, train_config: str | None, overrides: list[
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(path)
+
+
+def _resolve_config(path: str) -> str:
+    """A config path as given, or relative to the repository when the working directory has no such file
+    (so "configs/classifier/digits.yaml" works from any directory)."""
+    if Path(path).is_file() or Path(path).is_absolute():
+        return path
+    import flowmatch
+
+    in_repo = Path(flowmatch.__file__).resolve().parents[1] / path
+    return str(in_repo) if in_repo.is_file() else path
 
 
 def _train_into(out: Path, train_config: str, overrides: list[str]) -> None:

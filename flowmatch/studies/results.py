@@ -476,14 +476,19 @@ def training_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Secti
     pngs = _training_plots(study, runs, variants, samplers, out_dir)
     sec.pngs += pngs
     sec.body.append("\n" + "\n".join(f"![{p.stem}]({rel}/{p.name})" for p in pngs))
+    _append_claims(sec, rep, runs, seeds, "the paper")
+    return sec
+
+
+def _append_claims(sec: "Section", rep: dict, runs: dict, seeds: list[int], default_paper: str) -> None:
+    """The study's claims checked on the runs, one line each, and the verdict, appended to the section."""
     checks, lines = [], []
     for claim in rep.get("claims", []):
         ok, detail = check_claim(claim, runs, seeds)
         checks.append(ok)
         lines.append(f"- {claim.get('text', claim)}: {_mark(ok)} ({detail})")
     sec.body.append("\nThe paper's claims, checked on the means over seeds (and per seed) (✓ holds, ≈ holds on the means but a gap is within 2 standard errors of the seed-paired differences, ✗ does not hold):\n\n" + "\n".join(lines))
-    sec.body.append(f"\n{verdict(checks, rep.get('paper_name', 'the paper'))}. {_n(len(seeds), 'seed')}.")
-    return sec
+    sec.body.append(f"\n{verdict(checks, rep.get('paper_name', default_paper))}. {_n(len(seeds), 'seed')}.")
 
 
 def _band(ax, runs, variant, metric, color, label):
@@ -570,13 +575,7 @@ def reflow_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Section
     pngs = _reflow_plots(study, runs, variants, columns, out_dir)
     sec.pngs += pngs
     sec.body.append("\n" + "\n".join(f"![{p.stem}]({rel}/{p.name})" for p in pngs))
-    checks, lines = [], []
-    for claim in rep.get("claims", []):
-        ok, detail = check_claim(claim, runs, seeds)
-        checks.append(ok)
-        lines.append(f"- {claim.get('text', claim)}: {_mark(ok)} ({detail})")
-    sec.body.append("\nThe paper's claims, checked on the means over seeds (and per seed) (✓ holds, ≈ holds on the means but a gap is within 2 standard errors of the seed-paired differences, ✗ does not hold):\n\n" + "\n".join(lines))
-    sec.body.append(f"\n{verdict(checks, rep.get('paper_name', 'the RF paper'))}. {_n(len(seeds), 'seed')}.")
+    _append_claims(sec, rep, runs, seeds, "the RF paper")
     return sec
 
 
