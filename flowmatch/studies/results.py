@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from flowmatch.studies.spec import Study, plan
-from flowmatch.tracking.report import _color, _plt, _save
+from flowmatch.tracking.report import series_color, pyplot, save_figure
 
 W2_KEY = re.compile(r"^val/w2_(?P<sampler>.+)$")
 HEADER = """# Results: the papers' claims at small scale
@@ -396,7 +396,7 @@ def ranking_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Sectio
 
 
 def _ranking_plots(study, runs, seeds, variants, columns, ranks, paper_ranks, out_dir: Path) -> list[Path]:
-    plt = _plt()
+    plt = pyplot()
     order = sorted(variants, key=lambda v: paper_ranks.get(v, {}).get("all", math.inf))
     labels = [_label(study, v) for v in order]
     fig, ax = plt.subplots(figsize=(10, 4.2))
@@ -405,7 +405,7 @@ def _ranking_plots(study, runs, seeds, variants, columns, ranks, paper_ranks, ou
     for j, col in enumerate(columns):
         ms = [mean_std([runs[(v, s)].metrics[col["metric"]] for s in seeds]) for v in order]
         ax.bar(x + (j - (len(columns) - 1) / 2) * width, [m for m, _ in ms], width, yerr=[0 if math.isnan(s) else s for _, s in ms],
-               color=_color(j), capsize=3, label=f"{col['label']} ({col['metric']})")
+               color=series_color(j), capsize=3, label=f"{col['label']} ({col['metric']})")
         for i, v in enumerate(order):
             ax.scatter([x[i] + (j - (len(columns) - 1) / 2) * width] * len(seeds), [runs[(v, s)].metrics[col["metric"]] for s in seeds],
                        s=8, color="black", zorder=3)
@@ -416,7 +416,7 @@ def _ranking_plots(study, runs, seeds, variants, columns, ranks, paper_ranks, ou
     ax.legend(fontsize=8)
     fig.tight_layout()
     p1 = out_dir / f"{study.name}_w2.png"
-    _save(fig, p1)
+    save_figure(fig, p1)
 
     fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 4.4), squeeze=False)
     for ax, col in zip(axes[0], columns):
@@ -432,7 +432,7 @@ def _ranking_plots(study, runs, seeds, variants, columns, ranks, paper_ranks, ou
         ax.grid(alpha=0.3)
     fig.tight_layout()
     p2 = out_dir / f"{study.name}_ranks.png"
-    _save(fig, p2)
+    save_figure(fig, p2)
     return [p1, p2]
 
 
@@ -508,7 +508,7 @@ def _band(ax, runs, variant, metric, color, label):
 
 
 def _training_plots(study, runs, variants, samplers, out_dir: Path) -> list[Path]:
-    plt = _plt()
+    plt = pyplot()
     out = []
     curves = [m for m in study.report.get("curves", []) if any(m in r.history for r in runs.values())]
     keys = curves + (["val/loss"] if any("val/loss" in r.history for r in runs.values()) else [])
@@ -516,7 +516,7 @@ def _training_plots(study, runs, variants, samplers, out_dir: Path) -> list[Path
         fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 4.0), squeeze=False)
         for ax, key in zip(axes[0], keys):
             for i, v in enumerate(variants):
-                _band(ax, runs, v, key, _color(i), _label(study, v))
+                _band(ax, runs, v, key, series_color(i), _label(study, v))
             ax.set_xlabel("training steps")
             ax.set_title(key + (" (own objective's loss)" if key == "val/loss" else ""))
             ax.set_yscale("log")
@@ -525,7 +525,7 @@ def _training_plots(study, runs, variants, samplers, out_dir: Path) -> list[Path
         fig.suptitle(f"{study.name}: over training, mean ± std over seeds")
         fig.tight_layout()
         p = out_dir / f"{study.name}_training.png"
-        _save(fig, p)
+        save_figure(fig, p)
         out.append(p)
     if samplers:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -533,11 +533,11 @@ def _training_plots(study, runs, variants, samplers, out_dir: Path) -> list[Path
             eul = [s for s in samplers if s.startswith("euler")]
             pts = [(mean_std(_values(runs, v, f"val/nfe_{s}"))[0], mean_std(_values(runs, v, f"val/w2_{s}"))) for s in eul]
             ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[0 if math.isnan(p[1][1]) else p[1][1] for p in pts],
-                        color=_color(i), marker="o", capsize=3, label=f"{_label(study, v)} (Euler)")
+                        color=series_color(i), marker="o", capsize=3, label=f"{_label(study, v)} (Euler)")
             if "dopri5" in samplers:
                 nfe = mean_std(_values(runs, v, "val/nfe_dopri5"))[0]
                 w2, sd = mean_std(_values(runs, v, "val/w2_dopri5"))
-                ax.errorbar([nfe], [w2], yerr=[0 if math.isnan(sd) else sd], color=_color(i), marker="D", capsize=3, linestyle="none",
+                ax.errorbar([nfe], [w2], yerr=[0 if math.isnan(sd) else sd], color=series_color(i), marker="D", capsize=3, linestyle="none",
                             label=f"{_label(study, v)} (dopri5)")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -548,7 +548,7 @@ def _training_plots(study, runs, variants, samplers, out_dir: Path) -> list[Path
         ax.legend(fontsize=7)
         fig.tight_layout()
         p = out_dir / f"{study.name}_w2_vs_nfe.png"
-        _save(fig, p)
+        save_figure(fig, p)
         out.append(p)
     return out
 
@@ -580,7 +580,7 @@ def reflow_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Section
 
 
 def _reflow_plots(study, runs, variants, columns, out_dir: Path) -> list[Path]:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax = axes[0]
     for i, v in enumerate(variants):
@@ -590,7 +590,7 @@ def _reflow_plots(study, runs, variants, columns, out_dir: Path) -> list[Path]:
                    if _values(runs, v, f"val/nfe_{s}") and (s == "dopri5") == adaptive]
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[0 if math.isnan(p[1][1]) else p[1][1] for p in pts],
-                            color=_color(i), marker="D" if adaptive else "o", capsize=3, label=None if adaptive else _label(study, v),
+                            color=series_color(i), marker="D" if adaptive else "o", capsize=3, label=None if adaptive else _label(study, v),
                             linestyle="none" if adaptive else "-" if "distill" not in v else ":")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -603,7 +603,7 @@ def _reflow_plots(study, runs, variants, columns, out_dir: Path) -> list[Path]:
     have = [v for v in variants if _values(runs, v, "val/straightness")]
     ms = [mean_std(_values(runs, v, "val/straightness")) for v in have]
     ax.bar(range(len(have)), [m for m, _ in ms], yerr=[0 if math.isnan(s) else s for _, s in ms], capsize=3,
-           color=[_color(variants.index(v)) for v in have])
+           color=[series_color(variants.index(v)) for v in have])
     ax.set_xticks(range(len(have)), [_label(study, v) for v in have])
     ax.set_yscale("log")
     ax.set_ylabel("straightness S (0 = straight paths)")
@@ -612,7 +612,7 @@ def _reflow_plots(study, runs, variants, columns, out_dir: Path) -> list[Path]:
     fig.suptitle(f"{study.name}: reflow and distillation on 8 gaussians")
     fig.tight_layout()
     p = out_dir / f"{study.name}_reflow.png"
-    _save(fig, p)
+    save_figure(fig, p)
     return [p]
 
 

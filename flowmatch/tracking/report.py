@@ -124,7 +124,7 @@ def _fetch_images(client, tracking_uri: str, run_id: str, key: str, max_images: 
 
 
 # --- figures ---------------------------------------------------------------------------------------------------
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,15 +133,15 @@ def _plt():
     return plt
 
 
-def _color(i: int) -> str:
+def series_color(i: int) -> str:
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
     return palette[i % len(palette)]
 
 
-def _save(fig, path: Path) -> bytes:
+def save_figure(fig, path: Path) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    _plt().close(fig)
+    pyplot().close(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buf.getvalue())
     return buf.getvalue()
@@ -151,19 +151,19 @@ def loss_curves(runs: list[RunData], path: Path) -> bytes | None:
     keys = [k for k in ("val/loss", "train/loss") if any(r.history.get(k) for r in runs)]
     if not keys:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 4.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for i, r in enumerate(runs):
             pts = r.history.get(key) or []
             if pts:
-                ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o" if key == "val/loss" else None, ms=3, color=_color(i), label=r.name)
+                ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o" if key == "val/loss" else None, ms=3, color=series_color(i), label=r.name)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def level_losses(runs: list[RunData]) -> dict[str, list[tuple[float, float]]]:
@@ -180,12 +180,12 @@ def level_plot(runs: list[RunData], path: Path) -> bytes | None:
     levels = level_losses(runs)
     if not levels:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 4.0))
     for i, r in enumerate(runs):
         if r.run_id in levels:
             ts, vs = zip(*levels[r.run_id])
-            ax.plot(ts, vs, marker="o", ms=4, color=_color(i), label=r.name)
+            ax.plot(ts, vs, marker="o", ms=4, color=series_color(i), label=r.name)
     ax.set_xlabel("t (0 = data, 1 = noise)")
     ax.set_ylabel("validation loss at t (last validation)")
     ax.set_yscale("log")
@@ -193,7 +193,7 @@ def level_plot(runs: list[RunData], path: Path) -> bytes | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def quality_vs_nfe(runs: list[RunData]) -> dict[str, dict[str, list[tuple[float, float, str]]]]:
@@ -233,7 +233,7 @@ def quality_plot(runs: list[RunData], path: Path) -> bytes | None:
     if not data:
         return None
     order = [q for q in ("fd", "fid", "w2", "sw2", "mmd") if q in data] + sorted(q for q in data if q not in ("fd", "fid", "w2", "sw2", "mmd"))
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(order), figsize=(5.2 * len(order), 4.0), squeeze=False)
     for ax, q in zip(axes[0], order):
         for i, r in enumerate(runs):
@@ -244,7 +244,7 @@ def quality_plot(runs: list[RunData], path: Path) -> bytes | None:
             for nfe, v, sampler in pts:
                 by_solver.setdefault(_solver_family(sampler), []).append((nfe, v, sampler))
             for j, (solver, spts) in enumerate(sorted(by_solver.items())):
-                ax.plot([p[0] for p in spts], [p[1] for p in spts], marker="osD^v"[j % 5], ms=5, color=_color(i),
+                ax.plot([p[0] for p in spts], [p[1] for p in spts], marker="osD^v"[j % 5], ms=5, color=series_color(i),
                         linestyle="-" if len(spts) > 1 else "none", label=f"{r.name} {solver}")
         ax.set_xscale("log")
         ax.set_xlabel("NFE (network evaluations per sample)")
@@ -252,7 +252,7 @@ def quality_plot(runs: list[RunData], path: Path) -> bytes | None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --- tables -------------------------------------------------------------------------------------------------------
