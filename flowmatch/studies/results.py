@@ -13,11 +13,17 @@ The study file's ``report`` chooses the analysis:
   ranks (Spearman's rho of the mean ranks, and per seed);
 * ``kind: training`` (FM vs. VP): final quality per sampler and NFE, and quality over training;
 * ``kind: reflow``: the columns' means per variant beside the paper's numbers, and the factors
-  between variants.
+  between variants;
+* ``kind: comparison`` (architectures, latent channels, QK-norm, reflow on images): the columns' means
+  per variant (a column's ``higher: true`` marks higher-is-better), optional paper values
+  (``paper.values: {variant: {column label or metric: number}}``), bar plots per column, optional
+  ``curves`` (metrics over training: a table and a plot) and an optional ``sweep`` (``x_label``,
+  ``log_x``, ``series: {name: {variant: x}}``): each column against x, one line per series.
 
 ``report.claims`` are the paper's qualitative findings, each checked on the means and per seed:
 ``better`` (variant(s) lower than others on a metric, ``at`` final / first / mean_over_training),
-``factor`` (others / variant >= min_factor), ``top`` (among the k best), ``last``. A ``better`` claim
+``factor`` (others / variant >= min_factor), ``top`` (among the k best), ``last``; a claim's
+``higher: true`` makes higher values the better ones (accuracies, PSNR). A ``better`` claim
 that holds on the means while a gap is narrower than 2 standard errors of the seed-paired
 differences is marked ≈ (not resolved). The verdict is "agrees" when every claim holds clearly,
 "does not agree" when none holds even on the means, else "agrees in part".
@@ -195,6 +201,8 @@ def check_claim(claim: dict, runs: dict[tuple[str, int], RunRecord], seeds: list
     kind = claim.get("kind")
     metric = claim.get("metric", metric)
     at = claim.get("at", "final")
+    # higher-is-better claims are checked on negated values (so "lower is better" holds throughout) and shown as measured
+    sign = -1.0 if claim.get("higher") and not (ranks is not None and "metric" not in claim) else 1.0
 
     def per_seed(variant: str) -> dict[int, float]:
         if ranks is not None and "metric" not in claim:
@@ -203,8 +211,8 @@ def check_claim(claim: dict, runs: dict[tuple[str, int], RunRecord], seeds: list
         for s in seeds:
             rec = runs.get((variant, s))
             val = _metric_value(rec, metric, at) if rec else None
-            if val is not None:
-                out[s] = val
+            if val is not None and not math.isnan(val):
+                out[s] = sign * val
         return out
 
     if kind in ("better", "factor"):
@@ -218,19 +226,23 @@ def check_claim(claim: dict, runs: dict[tuple[str, int], RunRecord], seeds: list
             holds = all(means[w] < means[loser] for w in winners for loser in losers)
             seeds_ok = sum(all(vals[w][s] < vals[loser][s] for w in winners for loser in losers) for s in common)
             what = "mean ranks" if ranks is not None and "metric" not in claim else f"means of {metric}" + ("" if at == "final" else f" ({at.replace('_', ' ')})")
-            detail = ", ".join(f"{v} {fmt(means[v])}" for v in winners + losers)
+            detail = ", ".join(f"{v} {fmt(sign * means[v])}" for v in winners + losers)
             text = f"{what}: {detail}; holds in {seeds_ok}/{len(common)} seeds"
             if holds and not _clear(vals, winners, losers, common):
                 return None, text + "; the margin is within the seed-to-seed spread"
             return holds, text
         factor = float(claim.get("min_factor", 1.0))
-        ratios = [min(vals[loser][s] for loser in losers) / vals[winners[0]][s] for s in common]
+        if sign < 0:  # higher is better: the variant's value over the best of the others
+            ratios = [-vals[winners[0]][s] / max(-vals[loser][s] for loser in losers) for s in common]
+        else:
+            ratios = [min(vals[loser][s] for loser in losers) / vals[winners[0]][s] for s in common]
         m, sd = mean_std(ratios)
         holds = m >= factor
         seeds_ok = sum(r >= factor for r in ratios)
         return holds, f"factor {fmt(m)}{'' if math.isnan(sd) else ' ± ' + fmt(sd)} (>= {factor:g} in {seeds_ok}/{len(common)} seeds)"
     if kind in ("top", "last"):
-        names = sorted({v for v, _ in runs})
+        # among the variants named by ``among``, else those that have the metric at all
+        names = _as_list(claim.get("among")) or sorted({v for v, _ in runs if per_seed(v)})
         vals = {v: per_seed(v) for v in names}
         common = [s for s in seeds if all(s in vals[v] for v in names)]
         if not common:
@@ -459,8 +471,17 @@ def training_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Secti
                     "(euler N = N network evaluations), mean ± std over seeds. `val/loss` is each objective's own "
                     "regression loss (velocity, eps or v) and is not comparable across objectives.\n")
     sec.body.append(md_table(header, rows))
-    # over training
-    for metric in rep.get("curves", []):
+    _curve_tables(sec, study, runs, variants, rep.get("curves", []))
+    pngs = _training_plots(study, runs, variants, samplers, out_dir)
+    sec.pngs += pngs
+    sec.body.append("\n" + "\n".join(f"![{p.stem}]({rel}/{p.name})" for p in pngs))
+    _append_claims(sec, rep, runs, seeds, "the paper")
+    return sec
+
+
+def _curve_tables(sec: "Section", study: Study, runs: dict, variants: list[str], metrics: list[str]) -> None:
+    """One table per metric logged over training: its mean ± std over seeds at up to six of the logged steps."""
+    for metric in metrics:
         steps = sorted({st for r in runs.values() for st, _ in r.history.get(metric, [])})
         if not steps:
             continue
@@ -473,11 +494,6 @@ def training_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Secti
             t_rows.append(row)
         sec.body.append(f"\n`{metric}` over training (after N steps; mean ± std over seeds):\n")
         sec.body.append(md_table(["variant"] + [f"{st}" for st in shown], t_rows))
-    pngs = _training_plots(study, runs, variants, samplers, out_dir)
-    sec.pngs += pngs
-    sec.body.append("\n" + "\n".join(f"![{p.stem}]({rel}/{p.name})" for p in pngs))
-    _append_claims(sec, rep, runs, seeds, "the paper")
-    return sec
 
 
 def _append_claims(sec: "Section", rep: dict, runs: dict, seeds: list[int], default_paper: str) -> None:
@@ -616,7 +632,113 @@ def _reflow_plots(study, runs, variants, columns, out_dir: Path) -> list[Path]:
     return [p]
 
 
-ANALYSES = {"ranking": ranking_section, "training": training_section, "reflow": reflow_section}
+def comparison_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Section:
+    """Variants side by side: each column's mean ± std over seeds, the paper's values where given, bars per column,
+    optional curves over training and an optional sweep plot (each column against a swept setting)."""
+    rep = study.report
+    variants = [v.name for v in study.variants if any(k[0] == v.name for k in runs)]
+    seeds = sorted({s for _, s in runs})
+    columns = rep.get("columns", [])
+    paper = rep.get("paper", {})
+    paper_values: dict[str, dict] = paper.get("values", {})
+    paper_cols = [c for c in columns if any(c["label"] in pv or c["metric"] in pv for pv in paper_values.values())]
+    sec = Section()
+    header = ["variant", "seeds"]
+    for c in columns:
+        header.append(f"{c['label']} {'↑' if c.get('higher') else '↓'}")
+        if c in paper_cols:
+            header.append(f"paper: {c['label']}")
+    rows = []
+    for v in variants:
+        row = [_label(study, v), str(len([1 for (vv, _) in runs if vv == v]))]
+        for c in columns:
+            row.append(fmt_ms(_values(runs, v, c["metric"])))
+            if c in paper_cols:
+                pv = paper_values.get(v, {})
+                value = pv.get(c["label"], pv.get(c["metric"]))
+                row.append("—" if value is None else f"{value:g}")
+        rows.append(row)
+    sec.body.append("Final validation, mean ± std over seeds (↑ higher is better, ↓ lower is better; — where a variant does not "
+                    "have the metric)." + (f" Paper values: {paper['source']}." if paper.get("source") else "") + "\n")
+    sec.body.append(md_table(header, rows))
+    curves = [m for m in rep.get("curves", []) if any(m in r.history for r in runs.values())]
+    _curve_tables(sec, study, runs, variants, curves)
+    pngs = _comparison_plots(study, runs, variants, columns, curves, out_dir)
+    sec.pngs += pngs
+    sec.body.append("\n" + "\n".join(f"![{p.stem}]({rel}/{p.name})" for p in pngs))
+    _append_claims(sec, rep, runs, seeds, "the paper")
+    return sec
+
+
+def _comparison_plots(study, runs, variants, columns, curves, out_dir: Path) -> list[Path]:
+    plt = pyplot()
+    out = []
+    sweep = study.report.get("sweep")
+    if columns and sweep:  # each column against the swept setting, a line per series
+        fig, axes = plt.subplots(1, len(columns), figsize=(4.6 * len(columns), 3.9), squeeze=False)
+        for ax, col in zip(axes[0], columns):
+            for i, (name, members) in enumerate(sweep.get("series", {}).items()):
+                pts = sorted((float(x), mean_std(_values(runs, v, col["metric"]))) for v, x in members.items() if _values(runs, v, col["metric"]))
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[0 if math.isnan(p[1][1]) else p[1][1] for p in pts],
+                                color=series_color(i), marker="o", capsize=3, label=name)
+                    for v, x in members.items():  # every seed as a dot
+                        vals = _values(runs, v, col["metric"])
+                        ax.scatter([float(x)] * len(vals), vals, color=series_color(i), s=8, alpha=0.5)
+            if sweep.get("log_x", True):
+                ax.set_xscale("log")
+            if col.get("log_y"):
+                ax.set_yscale("log")
+            ax.set_xlabel(sweep.get("x_label", "setting"))
+            ax.set_title(f"{col['label']} ({'higher' if col.get('higher') else 'lower'} is better)", fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.suptitle(f"{study.name}: final values, mean ± std over seeds (dots: seeds)")
+        fig.tight_layout()
+        p = out_dir / f"{study.name}_sweep.png"
+        save_figure(fig, p)
+        out.append(p)
+    elif columns:  # bars per column
+        fig, axes = plt.subplots(1, len(columns), figsize=(max(3.2, 0.9 * len(variants) + 1.2) * len(columns), 4.0), squeeze=False)
+        for ax, col in zip(axes[0], columns):
+            have = [v for v in variants if _values(runs, v, col["metric"])]
+            ms = [mean_std(_values(runs, v, col["metric"])) for v in have]
+            ax.bar(range(len(have)), [m for m, _ in ms], yerr=[0 if math.isnan(sd) else sd for _, sd in ms], capsize=3,
+                   color=[series_color(variants.index(v)) for v in have], alpha=0.8)
+            for j, v in enumerate(have):
+                vals = _values(runs, v, col["metric"])
+                ax.scatter([j] * len(vals), vals, color="black", s=8, zorder=3)
+            ax.set_xticks(range(len(have)), [_label(study, v) for v in have], rotation=30, ha="right", fontsize=8)
+            if col.get("log_y"):
+                ax.set_yscale("log")
+            ax.set_title(f"{col['label']} ({'higher' if col.get('higher') else 'lower'} is better)", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+        fig.suptitle(f"{study.name}: final values, mean ± std over seeds (dots: seeds)")
+        fig.tight_layout()
+        p = out_dir / f"{study.name}_final.png"
+        save_figure(fig, p)
+        out.append(p)
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(4.8 * len(curves), 4.0), squeeze=False)
+        for ax, key in zip(axes[0], curves):
+            for i, v in enumerate(variants):
+                _band(ax, runs, v, key, series_color(i), _label(study, v))
+            ax.set_xlabel("training steps")
+            ax.set_title(key)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.suptitle(f"{study.name}: over training, mean ± std over seeds")
+        fig.tight_layout()
+        p = out_dir / f"{study.name}_training.png"
+        save_figure(fig, p)
+        out.append(p)
+    return out
+
+
+ANALYSES = {"ranking": ranking_section, "training": training_section, "reflow": reflow_section, "comparison": comparison_section}
 
 
 # --- the section and the file ------------------------------------------------------------------------------------

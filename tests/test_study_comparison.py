@@ -1,0 +1,86 @@
+"""The `comparison` analysis of a study's results and its claims, on hand-made run records (no MLflow):
+means and standard deviations against closed forms, higher-is-better claims, claims among the variants that
+have a metric, the paper column, and the plots (bars, or lines against a swept setting)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flowmatch.studies import load_study
+from flowmatch.studies.results import RunRecord, check_claim, comparison_section
+
+
+def _study(tmp_path: Path, report: dict):
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump({
+        "description": "a comparison", "experiment": "x", "base": str(Path(__file__).resolve().parents[1] / "experiments" / "toy2d_rf.yaml"),
+        "variants": {"a": {"label": "A"}, "b": {"label": "B"}, "ae": {"label": "AE"}},
+        "budgets": {"small": {"seeds": 3}}, "report": report}))
+    return load_study(str(path))
+
+
+def _runs() -> dict:
+    runs = {}
+    # "acc" is higher-is-better, "fd" lower-is-better; the autoencoder variant only has "psnr"
+    acc = {"a": [0.9, 0.8, 0.7], "b": [0.5, 0.6, 0.4]}
+    fd = {"a": [1.0, 2.0, 3.0], "b": [4.0, 4.0, 4.0]}
+    for v in ("a", "b"):
+        for s in range(3):
+            runs[(v, s)] = RunRecord(f"{v}{s}", v, s, {"val/acc": acc[v][s], "val/fd": fd[v][s]}, {}, 1.0)
+    for s in range(3):
+        runs[("ae", s)] = RunRecord(f"ae{s}", "ae", s, {"val/psnr": 20.0 + s}, {}, 1.0)
+    return runs
+
+
+def test_higher_is_better_claims_and_factors():
+    runs, seeds = _runs(), [0, 1, 2]
+    ok, text = check_claim({"kind": "better", "metric": "val/acc", "variant": "a", "than": "b", "higher": True}, runs, seeds)
+    assert ok is True and "a 0.800, b 0.500" in text and "3/3 seeds" in text  # means shown as measured, not negated
+    ok, _ = check_claim({"kind": "better", "metric": "val/acc", "variant": "b", "than": "a", "higher": True}, runs, seeds)
+    assert ok is False
+    ok, _ = check_claim({"kind": "better", "metric": "val/acc", "variant": "a", "than": "b"}, runs, seeds)  # lower-is-better reading
+    assert ok is False
+    # factor, higher is better: a / b per seed = 1.8, 1.333, 1.75
+    ok, text = check_claim({"kind": "factor", "metric": "val/acc", "variant": "a", "than": "b", "min_factor": 1.5, "higher": True}, runs, seeds)
+    assert ok is True and "factor 1.628" in text and "(>= 1.5 in 2/3 seeds)" in text
+    # factor, lower is better: b / a per seed = 4, 2, 1.333 -> mean 2.444
+    ok, text = check_claim({"kind": "factor", "metric": "val/fd", "variant": "a", "than": "b", "min_factor": 2}, runs, seeds)
+    assert ok is True and "factor 2.444" in text
+
+
+def test_top_and_last_rank_only_the_variants_that_have_the_metric():
+    runs, seeds = _runs(), [0, 1, 2]
+    ok, text = check_claim({"kind": "top", "metric": "val/acc", "variant": "a", "higher": True}, runs, seeds)
+    assert ok is True and "position 1 of 2" in text  # the autoencoder variant, without val/acc, is not ranked
+    ok, _ = check_claim({"kind": "last", "metric": "val/fd", "variant": "b"}, runs, seeds)
+    assert ok is True
+    ok, text = check_claim({"kind": "top", "metric": "val/psnr", "variant": "ae", "among": ["ae"]}, runs, seeds)
+    assert ok is True and "position 1 of 1" in text
+
+
+def test_comparison_section_table_paper_column_and_plots(tmp_path):
+    report = {"kind": "comparison", "title": "T", "paper_name": "the paper",
+              "columns": [{"metric": "val/acc", "label": "accuracy", "higher": True}, {"metric": "val/fd", "label": "FD"},
+                          {"metric": "val/psnr", "label": "PSNR", "higher": True}],
+              "paper": {"source": "made up", "values": {"ae": {"PSNR": 28.62}}},
+              "claims": [{"kind": "better", "metric": "val/acc", "variant": "a", "than": "b", "higher": True, "text": "A adheres better"}]}
+    study = _study(tmp_path, report)
+    sec = comparison_section(study, _runs(), tmp_path, "results")
+    body = "\n".join(sec.body)
+    assert "| variant | seeds | accuracy ↑ | FD ↓ | PSNR ↑ | paper: PSNR |" in body
+    assert "| A | 3 | 0.800 ± 0.100 | 2.000 ± 1.000 | — | — |" in body
+    assert "| AE | 3 | — | — | 21.0 ± 1.0 | 28.62 |" in body
+    assert "- A adheres better: ✓" in body and "**Agrees with the paper**" in body
+    assert [p.name for p in sec.pngs] == ["cmp_final.png"] and sec.pngs[0].stat().st_size > 5000
+
+    report["sweep"] = {"x_label": "lr", "series": {"one": {"a": 0.001, "b": 0.01}}}
+    sec = comparison_section(_study(tmp_path, report), _runs(), tmp_path, "results")
+    assert [p.name for p in sec.pngs] == ["cmp_sweep.png"] and sec.pngs[0].stat().st_size > 5000
+
+
+def test_unknown_claim_kind_is_an_error():
+    with pytest.raises(ValueError, match="unknown claim kind"):
+        check_claim({"kind": "best"}, _runs(), [0, 1, 2])
