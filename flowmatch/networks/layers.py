@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowmatch.networks import attention_probe
 from flowmatch.networks.embeddings import timestep_embedding
 
 
@@ -161,6 +162,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     ``key_mask``: optional bool (B, S_k), True = the key may be attended to. Every row must keep at
     least one key (callers guarantee it).
     """
+    attention_probe.observe(q, k, key_mask)  # a no-op unless an AttentionLogitRecorder is open
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     b, h, s, d = out.shape
