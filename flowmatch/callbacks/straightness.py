@@ -6,13 +6,24 @@ import torch
 from flowmatch.metrics.straightness import straightness
 
 
+def _text_data(dm) -> bool:
+    """Does the data module serve a text-to-image model (latent/caption shards, or couplings of such a model)?"""
+    flag = getattr(dm, "text_conditional", None)
+    if flag is not None:
+        return bool(flag)
+    return hasattr(dm, "reference_batch") and hasattr(dm, "encode_captions")
+
+
 class Straightness(L.Callback):
     """Logs ``{stage}/straightness`` (the RF paper's S), ``{stage}/straightness_normalized`` (S / E|z_1 - z_0|^2),
     ``{stage}/path_length_ratio`` (arc / chord) and ``{stage}/path_curvature`` (total turning, radians).
 
     Paths start from fixed noise (``seed``), so the numbers are comparable across steps and runs.
     A class-conditional data module's reference labels (``reference_samples(..., return_labels=True)``)
-    condition the paths, with classifier-free ``guidance``.
+    condition the paths, with classifier-free ``guidance``. For a text-to-image model (a
+    LatentShardDataModule, or a CouplingDataModule of text couplings) the conditions are those of the
+    held-out split (``reference_batch``: the val split at validation, the test split at test; cycled when
+    the split holds fewer than ``num_samples``), the same captions every time.
 
     Args:
         num_samples: paths per estimate.
@@ -26,6 +37,7 @@ class Straightness(L.Callback):
             raise ValueError(f"Straightness needs num_samples >= 1 and steps >= 2, got {num_samples} and {steps}")
         self.num_samples, self.steps, self.seed, self.guidance = num_samples, steps, seed, guidance
         self.last: dict[str, float] = {}
+        self._text_cond: dict[str, dict] = {}
 
     def _labels(self, trainer) -> torch.Tensor | None:
         dm = trainer.datamodule
@@ -34,10 +46,30 @@ class Straightness(L.Callback):
         _, labels = dm.reference_samples(self.num_samples, split="val", return_labels=True)
         return labels
 
+    def _text_conditions(self, dm, split: str) -> dict:
+        """``num_samples`` conditions of the held-out split (its conditioning dicts, cycled), read once per split."""
+        if split not in self._text_cond:
+            available = dm.num_samples(split) if hasattr(dm, "num_samples") else None
+            batch = dm.reference_batch(min(self.num_samples, available or self.num_samples), split=split)
+            cond = batch.get("cond")
+            if not isinstance(cond, dict):
+                raise RuntimeError(f"Straightness: the {split} batches of {type(dm).__name__} carry no text conditioning dict ('cond')")
+            m = next(iter(cond.values())).shape[0]
+            idx = torch.arange(self.num_samples) % m
+            self._text_cond[split] = {k: v[idx] for k, v in cond.items() if isinstance(v, torch.Tensor)}
+        return self._text_cond[split]
+
+    def _condition(self, trainer, stage: str):
+        dm = trainer.datamodule
+        if dm is not None and _text_data(dm):
+            return self._text_conditions(dm, "test" if stage == "test" else "val")
+        return self._labels(trainer)
+
     def _evaluate(self, trainer, pl_module, stage: str) -> None:
         if trainer.sanity_checking:
             return
-        result = straightness(pl_module, self.num_samples, steps=self.steps, seed=self.seed, cond=self._labels(trainer), guidance=self.guidance)
+        result = straightness(pl_module, self.num_samples, steps=self.steps, seed=self.seed, cond=self._condition(trainer, stage),
+                              guidance=self.guidance)
         values = {
             f"{stage}/straightness": result.straightness,
             f"{stage}/straightness_normalized": result.normalized,

@@ -6,9 +6,16 @@ generated with are written as webdataset shards OUT/couplings-NNNNNN.tar plus OU
 (flowmatch.reflow.format). The run writes into OUT.partial/ and renames it when complete; an
 interrupted run continues where it stopped when given the same command again.
 
+A text-to-image model (trained on latent/caption shards) draws each pair's condition from the captions
+of its training split (SD3's 50:50 original / synthetic mixing, seeded by --seed), integrates with the
+given guidance (the network's own null condition for the unconditional pass), and writes the caption
+and its stored encodings (pooled, tokens, mask) with the pair. The shards are the ones the checkpoint
+records (or --data DIR / manifest / data config).
+
 Then train the next rectified flow on the pairs:
 
     python -m flowmatch fit --config experiments/toy2d_reflow.yaml --data.init_args.path OUT --model.init_args.init_weights CKPT
+    python -m flowmatch fit --config experiments/digits_reflow.yaml --data.init_args.path OUT --model.init_args.init_weights CKPT
 """
 
 from __future__ import annotations
@@ -40,7 +47,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--labels", type=str, default="auto",
                    help="conditions of a class-conditional model: auto (uniform if the model has classes, else none), "
                         "uniform, none (the null class), data (the label distribution of --data's training set), or a list such as [0,3] (cycled)")
-    p.add_argument("--data", type=str, default=None, help="a data module config (YAML with class_path / init_args, e.g. configs/data/toy2d.yaml) for --labels data")
+    p.add_argument("--data", type=str, default=None,
+                   help="a data module config (YAML with class_path / init_args, e.g. configs/data/toy2d.yaml) for --labels data; for a "
+                        "text model the latent/caption shards whose captions condition the pairs (a directory with manifest.json, the "
+                        "manifest, or a data module config such as configs/data/demo_digits.yaml; default: the data the checkpoint records)")
+    p.add_argument("--captions-split", "--captions_split", type=str, default="train",
+                   help="text models: the split of the shards whose captions condition the pairs (default train, the captions the model learned)")
+    p.add_argument("--synthetic-caption-prob", "--synthetic_caption_prob", type=float | None, default=None,
+                   help="text models: probability of a sample's synthetic caption (default: the data config's, else 0.5 as in SD3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (and of uniformly drawn labels)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=4096, help="pairs integrated at once")
     p.add_argument("--shard-size", "--shard_size", type=int | None, default=None, help="pairs per shard file (default: ~256 MiB per shard)")
@@ -99,6 +113,38 @@ def _labels(spec: str, data: str | None, num: int):
     return values
 
 
+def _text_source(data: str | None, model) -> tuple[str, float | None]:
+    """The shard set (manifest location) whose captions condition a text model's pairs, and the data config's caption mixing."""
+    if data is None:
+        info = getattr(model, "data_info", None)
+        location = info.get("manifest") if isinstance(info, dict) else None
+        if not location:
+            raise ValueError("the checkpoint is of a text-conditioned model but does not record the latent/caption shards it was "
+                             "trained on (written before checkpoints recorded their data?): give --data DIR (the shards' directory)")
+        return str(location), None
+    path = Path(data)
+    if data.endswith((".yaml", ".yml")):
+        import yaml
+
+        if not path.is_file():
+            raise ValueError(f"--data {data}: no such file")
+        spec = yaml.safe_load(path.read_text()) or {}
+        args = spec.get("init_args") or {} if isinstance(spec, dict) else {}
+        if args.get("text_encoders"):
+            raise ValueError(f"--data {data}: the data config encodes captions on the fly (text_encoders); text couplings record the "
+                             "stored encodings of the shards: use shards written with encodings")
+        location = args.get("manifest") or (str(Path(args["data_dir"]) / "manifest.json") if args.get("data_dir") else None)
+        if location is None and isinstance(args.get("shards"), str):
+            location = str(Path(args["shards"]).parent / "manifest.json")
+        if location is None:
+            raise ValueError(f"--data {data}: the data config names no shard set (init_args.data_dir, manifest or shards)")
+        prob = args.get("synthetic_caption_prob")
+        return location, None if prob is None else float(prob)
+    if "://" not in data and not path.exists():
+        raise ValueError(f"--data {data}: no such directory or manifest")
+    return data, None
+
+
 def _source_info(ckpt_path: str, model) -> dict:
     """What the manifest records about the model: checkpoint, objective, weights, which rectified flow it is."""
     from flowmatch.checkpoints import read_client_state
@@ -130,7 +176,8 @@ def main(argv: list[str]) -> int:
 
     torch.set_grad_enabled(False)
     from flowmatch.checkpoints import CheckpointError, load_objective
-    from flowmatch.reflow.couplings import CouplingRunError, generate_couplings
+    from flowmatch.reflow.captions import CaptionSourceError, TrainingCaptions
+    from flowmatch.reflow.couplings import CouplingRunError, generate_couplings, model_is_text_conditioned, model_num_classes
     from flowmatch.reflow.format import CouplingFormatError
 
     out = Path(args.out)
@@ -140,22 +187,42 @@ def main(argv: list[str]) -> int:
         if args.weights not in ("auto", "ema", "raw"):
             raise ValueError(f"--weights must be auto, ema or raw, got {args.weights!r}")
         model = load_objective(args.ckpt, map_location=args.device, weights=args.weights)
-        labels = _labels(args.labels, args.data, args.num_pairs)
+        captions = None
+        if model_is_text_conditioned(model):
+            if args.labels.strip() != "auto":
+                raise ValueError(f"--labels {args.labels}: the checkpoint is of a text-conditioned model, whose pairs are conditioned on "
+                                 "captions of its training data (see --data, --captions-split), not on labels")
+            location, prob = _text_source(args.data, model)
+            prob = args.synthetic_caption_prob if args.synthetic_caption_prob is not None else prob if prob is not None else 0.5
+            captions = TrainingCaptions(location, split=args.captions_split, synthetic_prob=prob)
+            labels = "auto"
+        else:
+            if args.synthetic_caption_prob is not None or args.captions_split != "train":
+                raise ValueError("--synthetic-caption-prob and --captions-split are for text-conditioned models; this checkpoint's model "
+                                 f"takes {'class labels' if model_num_classes(model) else 'no condition'}")
+            labels = _labels(args.labels, args.data, args.num_pairs)
         source = _source_info(args.ckpt, model)
         manifest = generate_couplings(model, out, args.num_pairs, sampler, seed=args.seed, batch_size=args.batch_size, labels=labels,
                                       shard_size=args.shard_size, record_size=args.record_size, overwrite=args.overwrite,
-                                      progress=args.progress, source=source)
-    except (CheckpointError, CouplingFormatError, CouplingRunError, ValueError, FloatingPointError) as err:
+                                      progress=args.progress, source=source, captions=captions)
+    except (CheckpointError, CouplingFormatError, CouplingRunError, CaptionSourceError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: the finished shards are kept in {out}.partial/; run the same command again to continue", file=sys.stderr)
         return 130
-    cond = f", labels {manifest['labels']}, guidance {manifest['guidance']:g}" if manifest["conditional"] else ""
+    text = manifest.get("condition") == "text"
+    if text:
+        t = manifest["text"]
+        cond = (f", captions of the {t['split']} split of {t['captions_from']} ({t['num_samples']} samples, "
+                f"synthetic p={t['synthetic_caption_prob']:g}), guidance {manifest['guidance']:g}")
+    else:
+        cond = f", labels {manifest['labels']}, guidance {manifest['guidance']:g}" if manifest["conditional"] else ""
     print(f"wrote {manifest['count']} couplings ({manifest['sampler']['name']}, NFE {manifest['nfe']:.1f} per batch{cond}, "
           f"{manifest['seconds']:.1f} s) to {out} ({len(manifest['shards'])} shard(s), manifest {out / 'manifest.json'})")
     k = manifest.get("rectified")
-    print(f"train the {f'{k}-' if k else 'next '}rectified flow on them:  python -m flowmatch fit --config experiments/toy2d_reflow.yaml "
+    config = "experiments/digits_reflow.yaml" if text else "experiments/toy2d_reflow.yaml"
+    print(f"train the {f'{k}-' if k else 'next '}rectified flow on them:  python -m flowmatch fit --config {config} "
           f"--data.init_args.path {out} --model.init_args.init_weights {args.ckpt}")
     return 0
 

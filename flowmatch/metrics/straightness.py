@@ -123,13 +123,21 @@ def _summarise(per: dict[str, torch.Tensor], steps: int, nfe: int, num: int, T: 
     )
 
 
+def _rows(cond: Any, lo: int, hi: int, device) -> Any:
+    """Rows lo:hi of a condition: a tensor, or a dict of tensors (a text model's {"pooled", "tokens", "mask"})."""
+    if isinstance(cond, dict):
+        return {k: v[lo:hi].to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+    return cond[lo:hi].to(device)
+
+
 @torch.no_grad()
 def straightness(model, num: int = 1000, steps: int = 100, seed: int = 0, cond: Any = None, guidance: float = 1.0,
                  noise: torch.Tensor | None = None, batch_size: int = 8192) -> StraightnessResult:
     """Straightness of a trained objective's sampling ODE, from ``num`` noises drawn with ``seed``.
 
     ``model`` is a FlowObjective (its ``velocity`` is the learned dz/dt, integrated over the path's
-    [t_min, t_max]). ``cond`` (labels, one per sample) and ``guidance`` give the guided field.
+    [t_min, t_max]). ``cond`` (labels, one per sample, or a text model's conditioning dict of tensors
+    with one row per sample) and ``guidance`` give the guided field.
     The network runs in eval mode (no condition dropout).
     """
     if noise is None:
@@ -145,7 +153,7 @@ def straightness(model, num: int = 1000, steps: int = 100, seed: int = 0, cond: 
         parts: dict[str, list[torch.Tensor]] = {}
         nfe = 0
         for lo in range(0, num, batch_size):
-            c = None if cond is None else cond[lo : lo + batch_size].to(model.device)
+            c = None if cond is None else _rows(cond, lo, lo + batch_size, model.device)
             uncond = model.null_condition(c) if guidance != 1.0 else None
             guided = guided_velocity(model.velocity, c, uncond, guidance)
             per, nfe = path_straightness(lambda z, t, _c: guided(z, t), noise[lo : lo + batch_size], steps, None, t_max, t_min)

@@ -1,12 +1,15 @@
 """Drawing couplings from a trained flow: fresh noise eps, integrated from t = 1 to t = 0 (SPEC §5).
 
 ``generate_couplings(model, out, num_pairs, ...)`` writes the pairs (eps, Z_0(eps)) (and the class
-label each was generated with) as coupling shards (flowmatch.reflow.format). The run is atomic and
-resumable:
+label, or for a text-to-image model the caption and its stored encodings, each was generated with) as
+coupling shards (flowmatch.reflow.format). A text model's conditions are captions of its training split
+(flowmatch.reflow.captions.TrainingCaptions: SD3's original / synthetic mixing, seeded), and guidance
+uses the network's own null condition for the unconditional pass. The run is atomic and resumable:
 
 * everything is written into ``OUT.partial/``; only when every shard and the manifest are on disk is
   it renamed to ``OUT`` (a finished set is never half-written; ``overwrite`` replaces an old one);
-* shard i's noise (and uniform labels) come from a generator seeded by (seed, i) alone, and a shard
+* shard i's noise (and uniform labels) come from a generator seeded by (seed, i) alone, pair j's
+  caption from (seed, j) alone, and a shard
   file appears under its final name only once complete, so a run that was interrupted continues
   with the next missing shard when started again with the same settings (``OUT.partial/settings.json``
   holds them; a run with other settings refuses to mix into it).
@@ -32,6 +35,7 @@ import torch
 from flowmatch.atomic_io import fsync_dir
 from tqdm.auto import tqdm
 
+from flowmatch.reflow.captions import TrainingCaptions
 from flowmatch.reflow.format import (
     DTYPE,
     CouplingRecord,
@@ -69,6 +73,27 @@ def default_shard_size(sample_shape: Sequence[int], record_size: int, target_byt
 
 def model_num_classes(model) -> int:
     return int(getattr(model.net, "num_classes", 0) or 0)
+
+
+def model_is_text_conditioned(model) -> bool:
+    """Does the model take a text conditioning dict ({"pooled", "tokens", "mask"})? True for a network with text
+    widths (pooled_dim / context_dim) and no classes, or a model that records latent/caption training data."""
+    net = model.net
+    if model_num_classes(model) > 0:
+        return False
+    if int(getattr(net, "pooled_dim", 0) or 0) > 0 or int(getattr(net, "context_dim", 0) or 0) > 0:
+        return True
+    info = getattr(model, "data_info", None)
+    return isinstance(info, dict) and bool(info.get("text_encoders"))
+
+
+def _check_text_fits(model, captions: TrainingCaptions) -> None:
+    net = model.net
+    problems = [f"the network's {attr} is {getattr(net, attr)} but the captions' encodings have {have}"
+                for attr, have in (("pooled_dim", captions.pooled_dim), ("context_dim", captions.context_dim))
+                if isinstance(getattr(net, attr, None), int) and getattr(net, attr) and getattr(net, attr) != have]
+    if problems:
+        raise ValueError(f"the captions of {captions.location} do not fit the model: " + "; ".join(problems))
 
 
 def _label_description(labels: LabelSpec, num_classes: int) -> tuple[str, Any]:
@@ -109,6 +134,21 @@ def _shard_inputs(shard: int, first: int, n: int, shape: tuple[int, ...], seed: 
             raise ValueError(f"labels: {arr.size} given, {first + n} pairs need one each")
         return noise, torch.from_numpy(arr[first : first + n].copy())
     return noise, torch.from_numpy(arr[np.arange(first, first + n) % arr.size])  # a list, cycled over the pairs
+
+
+def _data_facts(model, captions: TrainingCaptions) -> dict[str, Any] | None:
+    """The latent/caption data facts (flowmatch.data.latent_info) that train and evaluate the next flow: the
+    model's own record (with the captions' shard set as its manifest), else those of the captions' shard set."""
+    info = getattr(model, "data_info", None)
+    if isinstance(info, dict):
+        location = captions.location
+        return {**info, "manifest": location if "://" in location else str(Path(location).resolve())}  # where the captions were read
+    from flowmatch.data.latent_info import read_info
+
+    try:
+        return read_info(captions.location)
+    except Exception:  # noqa: BLE001 - the pairs are still valid without these facts
+        return None
 
 
 def _read_json(path: Path) -> Any:
@@ -163,6 +203,7 @@ def generate_couplings(
     overwrite: bool = False,
     progress: bool = True,
     source: dict[str, Any] | None = None,
+    captions: TrainingCaptions | None = None,
 ) -> dict[str, Any]:
     """Integrate ``num_pairs`` fresh noises through ``model`` (a FlowObjective) and write the couplings to ``out``.
 
@@ -180,6 +221,8 @@ def generate_couplings(
         overwrite: replace an existing ``out`` (and discard an unfinished run with other settings).
         progress: show a progress bar (on a terminal).
         source: facts about the model for the manifest (source_checkpoint, weights, rectified, ...).
+        captions: for a text-conditioned model (required there): the captions whose stored encodings condition
+            the pairs (usually the model's training split); pair i's caption depends on (seed, i) only.
 
     Returns the manifest (also written to ``out/manifest.json``).
     """
@@ -192,12 +235,27 @@ def generate_couplings(
     if not shape:
         raise ValueError("the model does not know its sample shape (a checkpoint of `python -m flowmatch fit` does)")
     num_classes = model_num_classes(model)
-    kind, label_value = _label_description(labels, num_classes)
+    text = model_is_text_conditioned(model)
+    if text:
+        if captions is None:
+            raise ValueError("the model is text-conditioned: its couplings need captions (captions=TrainingCaptions(shards of its "
+                             "training data); the command takes them from the data the checkpoint records, or --data)")
+        if not (isinstance(labels, str) and labels == "auto"):
+            raise ValueError(f"labels={labels!r}: the model is text-conditioned, its pairs are conditioned on captions, not labels")
+        _check_text_fits(model, captions)
+        kind, label_value = "captions", None
+    elif captions is not None:
+        raise ValueError("captions were given but the model is not text-conditioned (it takes "
+                         f"{'class labels' if num_classes else 'no condition'})")
+    else:
+        kind, label_value = _label_description(labels, num_classes)
     if kind == "array" and np.asarray(labels).size < num_pairs:
         raise ValueError(f"labels: an array of {np.asarray(labels).size} labels for {num_pairs} pairs (one per pair is needed)")
-    if sampler.guidance != 1.0 and (kind == "none" or model.null_condition(torch.zeros(1, dtype=torch.long)) is None):
+    if sampler.guidance != 1.0 and not text and (kind == "none" or model.null_condition(torch.zeros(1, dtype=torch.long)) is None):
         raise ValueError(f"guidance {sampler.guidance:g} needs class labels and a network with a null class (labels={kind!r}, "
                          f"num_classes={num_classes}); use guidance 1 for an unconditional draw")
+    if sampler.guidance != 1.0 and text and not hasattr(model.net, "null_condition"):
+        raise ValueError(f"guidance {sampler.guidance:g} needs a network with a null text condition ({type(model.net).__name__} has none)")
     record_size = int(record_size or default_record_size(shape))
     shard_size = int(shard_size or default_shard_size(shape, record_size))
     if record_size < 1 or shard_size < 1:
@@ -208,6 +266,7 @@ def generate_couplings(
                     "grid": sampler.grid, "rtol": sampler.rtol, "atol": sampler.atol}
     settings = {"num_pairs": int(num_pairs), "sample_shape": list(shape), "sampler": sampler_info, "guidance": sampler.guidance,
                 "seed": int(seed), "labels": kind, "label_values": label_value, "num_classes": num_classes,
+                "captions": captions.describe() if text else None,
                 "shard_size": shard_size, "record_size": record_size,
                 "batch_size": int(batch_size) if sampler.solver == "dopri5" else None,
                 "source_checkpoint": source.get("source_checkpoint"), "weights": source.get("weights"),
@@ -225,10 +284,20 @@ def generate_couplings(
                 continue
             first = shard * shard_size
             n = min(shard_size, num_pairs - first)
-            noise, cond = _shard_inputs(shard, first, n, shape, seed, kind, labels, num_classes)
+            texts = None
+            if text:
+                noise, _ = _shard_inputs(shard, first, n, shape, seed, "none", labels, num_classes)
+                cond_np, caps, srcs = captions.conditions(first, n, seed)
+                texts = (cond_np, caps, srcs)
+                cond = {k: torch.from_numpy(v) if v.dtype == bool else torch.from_numpy(v).float() for k, v in cond_np.items()}
+            else:
+                noise, cond = _shard_inputs(shard, first, n, shape, seed, kind, labels, num_classes)
             samples, nfes = [], []
             for lo in range(0, n, batch_size):
-                chunk_cond = None if cond is None else cond[lo : lo + batch_size].to(model.device)
+                if isinstance(cond, dict):
+                    chunk_cond = {k: v[lo : lo + batch_size].to(model.device) for k, v in cond.items()}
+                else:
+                    chunk_cond = None if cond is None else cond[lo : lo + batch_size].to(model.device)
                 x, nfe = model.generate(min(batch_size, n - lo), sampler, cond=chunk_cond, noise=noise[lo : lo + batch_size])
                 x = x.float().cpu()
                 if not torch.isfinite(x).all():
@@ -238,9 +307,16 @@ def generate_couplings(
                 nfes.append(int(nfe))
                 bar.update(x.shape[0])
             sample = torch.cat(samples).numpy()
-            noise_np, cond_np = noise.numpy(), None if cond is None else cond.numpy()
-            records = (CouplingRecord(first + lo, noise_np[lo : lo + record_size], sample[lo : lo + record_size],
-                                      None if cond_np is None else cond_np[lo : lo + record_size]) for lo in range(0, n, record_size))
+            noise_np = noise.numpy()
+            if texts is not None:
+                cond_np, caps, srcs = texts
+                records = (CouplingRecord(first + lo, noise_np[lo : lo + record_size], sample[lo : lo + record_size],
+                                          {k: v[lo : lo + record_size] for k, v in cond_np.items()},
+                                          caps[lo : lo + record_size], srcs[lo : lo + record_size]) for lo in range(0, n, record_size))
+            else:
+                cond_np = None if cond is None else cond.numpy()
+                records = (CouplingRecord(first + lo, noise_np[lo : lo + record_size], sample[lo : lo + record_size],
+                                          None if cond_np is None else cond_np[lo : lo + record_size]) for lo in range(0, n, record_size))
             count = write_shard(partial / name, records)
             done.append({"name": name, "count": count, "nfe_sum": sum(nfes), "batches": len(nfes), "nfe_max": max(nfes)})
             _write_json(partial / PROGRESS_NAME, done)
@@ -254,6 +330,7 @@ def generate_couplings(
         "sample_shape": list(shape),
         "dtype": np.dtype(DTYPE).name,
         "conditional": kind != "none",
+        "condition": "text" if text else ("none" if kind == "none" else "label"),
         "num_classes": num_classes,
         "labels": kind,
         "label_values": label_value,
@@ -266,6 +343,7 @@ def generate_couplings(
         "record_size": record_size,
         "shard_size": shard_size,
         "shards": [{"name": s["name"], "count": s["count"]} for s in done],
+        **({"text": captions.describe(), "data": _data_facts(model, captions)} if text else {}),
         **{k: v for k, v in source.items() if k != "checkpoint_stamp"},
         "seconds": round(time.time() - start, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

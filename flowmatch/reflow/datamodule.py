@@ -1,8 +1,11 @@
 """CouplingDataModule: trains a k-rectified flow (or a distilled student) on fixed (noise, sample) pairs.
 
-Batches are ``{"x0": sample, "eps": noise}`` (float32) plus ``"cond"`` (int64 labels) for a
-conditional coupling set. Objectives use the batch's ``eps`` instead of drawing fresh noise
-(FlowObjective.training_step), which is what makes reflow train on the coupling (SPEC §5).
+Batches are ``{"x0": sample, "eps": noise}`` (float32) plus ``"cond"``: int64 labels for a
+class-conditional coupling set, or for a text-conditional one (pairs of a text-to-image model) the
+dict the model trained on, ``{"pooled": float32 (B, P), "tokens": float32 (B, L, D), "mask": bool (B, L)}``
+(the stored encodings the pairs were drawn with; the network's own text dropout still applies in
+training, so classifier-free guidance keeps working). Objectives use the batch's ``eps`` instead of
+drawing fresh noise (FlowObjective.training_step), which is what makes reflow train on the coupling (SPEC §5).
 
 Splits: the pairs are independent draws, so the last ``num_val`` pairs (by index) are the
 validation set, the ``num_test`` before them the test set, the rest the training set.
@@ -12,6 +15,13 @@ by default the held-out couplings' samples (what the teacher generates), or, wit
 ``reference_target`` (a flowmatch.data.toy2d target such as "8gaussians"), the real data of that
 split, drawn exactly as Toy2DDataModule(seed=reference_seed) draws its val / test points, so a
 reflowed model is scored against the data, not against its teacher.
+
+Text-conditional sets are scored against the real data too: the latent/caption shard set the coupling
+manifest records (``data.manifest``, or ``reference_data``) serves the held-out split to the image
+callbacks through the same methods a LatentShardDataModule has (``reference_batch``, ``num_samples``,
+``decode``, ``encode_captions``, ``reference_images``, ``reference_samples``), with its caption mixing
+seeded by ``reference_seed``. A model trained here records those data facts in its checkpoints (so
+``sample`` and the next ``reflow`` know its text encoders, autoencoder and shards).
 
 Small sets (up to ``in_memory_limit`` bytes, default 2 GiB) are read into memory and shuffled
 per epoch with a seeded, resumable order (an interrupted run resumes at the next batch); larger
@@ -29,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from flowmatch.reflow.format import CouplingFormatError, iter_records, iter_shard, read_manifest, shard_paths
+from flowmatch.reflow.format import CouplingFormatError, condition_kind, iter_records, iter_shard, read_manifest, shard_paths
 from flowmatch.data.shards import TrainLoader
 
 
@@ -38,10 +48,78 @@ def _passthrough(batch: dict) -> dict:
     return batch
 
 
+class TextConditions:
+    """The text conditions of many pairs, compact: pooled (N, P), mask (N, L) and only the real tokens
+    (T, D) with per-pair offsets (N + 1); ``batch`` scatters them back into the model's padded dict."""
+
+    def __init__(self, pooled: np.ndarray, mask: np.ndarray, real: np.ndarray, offsets: np.ndarray):
+        self.pooled, self.mask, self.real, self.offsets = pooled, mask, real, offsets
+
+    @classmethod
+    def from_padded(cls, cond: dict[str, np.ndarray]) -> "TextConditions":
+        mask = cond["mask"]
+        offsets = np.concatenate([[0], np.cumsum(mask.sum(1), dtype=np.int64)])
+        return cls(cond["pooled"], mask, cond["tokens"][mask], offsets)
+
+    @classmethod
+    def concat(cls, parts: list["TextConditions"]) -> "TextConditions":
+        shifts = np.cumsum([0] + [p.offsets[-1] for p in parts[:-1]])
+        offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, shifts)])
+        return cls(np.concatenate([p.pooled for p in parts]), np.concatenate([p.mask for p in parts]),
+                   np.concatenate([p.real for p in parts]), offsets.astype(np.int64))
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
+    def take(self, idx) -> "TextConditions":
+        """The pairs ``idx`` (any order, repeats allowed), still compact."""
+        idx = np.asarray(idx, dtype=np.int64)
+        starts, counts = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
+        total = int(counts.sum())
+        begin = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(idx) else np.zeros(0, np.int64)
+        positions = np.repeat(starts - begin, counts) + np.arange(total)
+        return TextConditions(self.pooled[idx], self.mask[idx], self.real[positions],
+                              np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+
+    def batch(self, idx=None) -> dict[str, torch.Tensor]:
+        """The model's conditioning dict (float32 pooled and tokens, zeros at the padded positions; bool mask)."""
+        part = self if idx is None else self.take(idx)
+        mask = torch.from_numpy(np.ascontiguousarray(part.mask))
+        tokens = torch.zeros((len(part), part.mask.shape[1], part.real.shape[1]), dtype=torch.float32)
+        tokens[mask] = torch.from_numpy(part.real.astype(np.float32))
+        return {"pooled": torch.from_numpy(part.pooled.astype(np.float32)), "tokens": tokens, "mask": mask}
+
+
+def _cond_concat(parts: list):
+    if not parts or parts[0] is None:
+        return None
+    return TextConditions.concat(parts) if isinstance(parts[0], TextConditions) else np.concatenate(parts)
+
+
+def _cond_take(cond, idx):
+    if cond is None:
+        return None
+    return cond.take(idx) if isinstance(cond, TextConditions) else cond[idx]
+
+
+def _cond_batch(cond, idx=None):
+    """The batch's "cond": labels as an int64 tensor, text as the model's dict."""
+    if isinstance(cond, TextConditions):
+        return cond.batch(idx)
+    if isinstance(cond, torch.Tensor):
+        return cond if idx is None else cond[torch.as_tensor(idx, dtype=torch.long)]
+    return torch.from_numpy(cond if idx is None else cond[idx])
+
+
+def _record_cond(rec):
+    """A record's condition in the form the data module keeps it (compact text conditions; labels as they are)."""
+    return TextConditions.from_padded(rec.cond) if isinstance(rec.cond, dict) else rec.cond
+
+
 class _PairBatches(Dataset):
     """In-memory pairs; ``__getitems__`` builds a whole batch with one indexing op per tensor."""
 
-    def __init__(self, x0: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor | None):
+    def __init__(self, x0: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor | TextConditions | None):
         self.x0, self.eps, self.cond = x0, eps, cond
 
     def __len__(self) -> int:
@@ -51,12 +129,14 @@ class _PairBatches(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         batch = {"x0": self.x0[idx], "eps": self.eps[idx]}
         if self.cond is not None:
-            batch["cond"] = self.cond[idx]
+            batch["cond"] = _cond_batch(self.cond, idx.numpy())
         return batch
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {"x0": self.x0[i], "eps": self.eps[i]}
-        if self.cond is not None:
+        if isinstance(self.cond, TextConditions):
+            item["cond"] = {k: v[0] for k, v in self.cond.batch([i]).items()}
+        elif self.cond is not None:
             item["cond"] = self.cond[i]
         return item
 
@@ -88,7 +168,8 @@ class _CouplingStream(IterableDataset):
                     if not mine or rec.first >= self.train_count:
                         continue
                     keep = min(len(rec), self.train_count - rec.first)
-                    yield rec.sample[:keep], rec.noise[:keep], None if rec.cond is None else rec.cond[:keep]
+                    cond = _record_cond(rec)
+                    yield rec.sample[:keep], rec.noise[:keep], _cond_take(cond, np.arange(keep)) if keep < len(rec) else cond
             if position == 0:
                 raise CouplingFormatError(f"{self.manifest['directory']}: no records to train on")
             cycle += 1
@@ -106,17 +187,17 @@ class _CouplingStream(IterableDataset):
             if pooled < self.shuffle_buffer:
                 continue
             x0s, epss = np.concatenate([p[0] for p in pool]), np.concatenate([p[1] for p in pool])
-            conds = None if pool[0][2] is None else np.concatenate([p[2] for p in pool])
+            conds = _cond_concat([p[2] for p in pool])
             perm = rng.permutation(x0s.shape[0])
             full = (len(perm) // self.batch_size) * self.batch_size
             for lo in range(0, full, self.batch_size):
                 idx = perm[lo : lo + self.batch_size]
                 batch = {"x0": torch.from_numpy(x0s[idx]), "eps": torch.from_numpy(epss[idx])}
                 if conds is not None:
-                    batch["cond"] = torch.from_numpy(conds[idx])
+                    batch["cond"] = _cond_batch(conds, idx)
                 yield batch
             rest = perm[full:]
-            pool = [(x0s[rest], epss[rest], None if conds is None else conds[rest])]
+            pool = [(x0s[rest], epss[rest], _cond_take(conds, rest))]
             pooled = len(rest)
 
 
@@ -131,7 +212,10 @@ class CouplingDataModule(L.LightningDataModule):
         max_pairs: use only the first this many pairs of the set (None = all).
         reference_target: a 2-D toy target name ("8gaussians", ...): sample metrics compare with its
             real held-out points instead of the held-out couplings' samples.
-        reference_seed: the Toy2DDataModule seed whose val / test points reference_target reproduces.
+        reference_seed: the Toy2DDataModule seed whose val / test points reference_target reproduces; for
+            text sets the caption-mixing seed of the reference data's held-out split (the data config's seed).
+        reference_data: text sets: the latent/caption shard set (directory, manifest or URL) whose held-out
+            split the image metrics compare with (default: the one the coupling manifest records).
         seed: seed of the training order.
         num_workers: DataLoader worker processes.
         in_memory: read the whole set into memory (None: when it is at most in_memory_limit bytes).
@@ -148,6 +232,7 @@ class CouplingDataModule(L.LightningDataModule):
         max_pairs: int | None = None,
         reference_target: str | None = None,
         reference_seed: int = 0,
+        reference_data: str | None = None,
         seed: int = 0,
         num_workers: int = 0,
         in_memory: bool | None = None,
@@ -178,14 +263,29 @@ class CouplingDataModule(L.LightningDataModule):
                 raise ValueError(f"unknown reference_target {reference_target!r}; valid: {', '.join(sorted(TARGETS))}")
             if tuple(self.manifest["sample_shape"]) != (2,):
                 raise ValueError(f"reference_target {reference_target!r} is a 2-D target but the couplings in {path} have shape {self.manifest['sample_shape']}")
+        self.kind = condition_kind(self.manifest)
+        if self.kind == "text":
+            if reference_target is not None:
+                raise ValueError(f"reference_target {reference_target!r} is a 2-D target; the couplings in {path} are of a text-to-image model "
+                                 "(their reference is the latent/caption data: reference_data)")
+            text = self.manifest.get("text")
+            if not isinstance(text, dict) or not all(k in text for k in ("pooled_dim", "context_dim", "context_length")):
+                raise CouplingFormatError(f"{path}: a text coupling manifest needs 'text' with pooled_dim, context_dim and context_length")
+        elif reference_data is not None:
+            raise ValueError(f"reference_data is for text-conditional couplings; the pairs in {path} are conditioned on {self.kind!r}")
         self.batch_size, self.num_val, self.num_test = batch_size, num_val, num_test
         self.reference_target, self.reference_seed = reference_target, reference_seed
+        self.reference_data = reference_data
         self.seed, self.num_workers = seed, num_workers
         pair_bytes = 2 * 4 * int(np.prod(self.manifest["sample_shape"]))
+        if self.kind == "text":  # pooled + mask + (about half the context as real tokens), float16
+            t = self.manifest["text"]
+            pair_bytes += 2 * int(t["pooled_dim"]) + int(t["context_length"]) * (1 + int(t["context_dim"]))
         self.in_memory = bool(in_memory) if in_memory is not None else count * pair_bytes <= in_memory_limit
         self.shuffle_buffer = shuffle_buffer
         self._splits: dict[str, _PairBatches] = {}
         self._resume_position: tuple[int, int] | None = None
+        self._latent = None  # text sets: the LatentShardDataModule of the reference data, built on first use
 
     # ---- facts the model and the callbacks read ----
     @property
@@ -194,7 +294,12 @@ class CouplingDataModule(L.LightningDataModule):
 
     @property
     def conditional(self) -> bool:
-        return bool(self.manifest["conditional"])
+        """Class-conditional (labels); text-conditional sets say False here, as LatentShardDataModule does."""
+        return self.kind == "label"
+
+    @property
+    def text_conditional(self) -> bool:
+        return self.kind == "text"
 
     @property
     def num_classes(self) -> int:
@@ -222,14 +327,17 @@ class CouplingDataModule(L.LightningDataModule):
             for s, (lo, hi) in ranges.items():
                 i, j = max(lo, a) - a, min(hi, b) - a
                 if i < j:
-                    parts[s].append((rec.sample[i:j], rec.noise[i:j], None if rec.cond is None else rec.cond[i:j]))
+                    cond = _record_cond(rec)
+                    parts[s].append((rec.sample[i:j], rec.noise[i:j], _cond_take(cond, np.arange(i, j)) if (i, j) != (0, len(rec)) else cond))
         shape = tuple(self.manifest["sample_shape"])
         for s, items in parts.items():
             x0 = torch.from_numpy(np.concatenate([p[0] for p in items])) if items else torch.zeros((0, *shape))
             eps = torch.from_numpy(np.concatenate([p[1] for p in items])) if items else torch.zeros((0, *shape))
             cond = None
-            if self.conditional:
+            if self.kind == "label":
                 cond = torch.from_numpy(np.concatenate([p[2] for p in items])) if items else torch.zeros(0, dtype=torch.long)
+            elif self.kind == "text":
+                cond = _cond_concat([p[2] for p in items]) if items else None
             self._splits[s] = _PairBatches(x0, eps, cond)
 
     def setup(self, stage: str | None = None) -> None:
@@ -237,6 +345,26 @@ class CouplingDataModule(L.LightningDataModule):
         if not self.in_memory:
             wanted = tuple(s for s in wanted if s != "train")
         self._load(wanted)
+        trainer = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer is not None else None
+        if module is not None and self.kind == "text":
+            self.check_model(module)
+            if getattr(module, "data_info", None) is None and isinstance(self.manifest.get("data"), dict):
+                module.data_info = dict(self.manifest["data"])  # its checkpoints then know the text encoders, autoencoder, shards
+
+    def check_model(self, module) -> None:
+        """Text sets: raise ValueError (naming the coupling manifest) if the pairs do not fit the model's network."""
+        net = getattr(module, "net", module)
+        t = self.manifest["text"]
+        problems = [f"the network's {attr} is {getattr(net, attr)} but the couplings' {attr} is {t[attr]}"
+                    for attr in ("pooled_dim", "context_dim") if isinstance(getattr(net, attr, None), int) and getattr(net, attr) != int(t[attr])]
+        if int(getattr(net, "num_classes", 0) or 0) > 0:
+            problems.append(f"the network is class-conditional (num_classes={net.num_classes}), the couplings are conditioned on text")
+        shape = getattr(module, "sample_shape", None)
+        if shape is not None and tuple(shape) != self.sample_shape:
+            problems.append(f"the model generates samples of shape {tuple(shape)} but the couplings hold {self.sample_shape}")
+        if problems:
+            raise ValueError(f"coupling set {self.path} does not fit the model: " + "; ".join(problems))
 
     def _eval_loader(self, split: str) -> DataLoader | list:
         self._load((split,))
@@ -286,10 +414,49 @@ class CouplingDataModule(L.LightningDataModule):
         if "epoch" in state_dict and self.in_memory:
             self._resume_position = (state_dict["epoch"], state_dict["batches"])
 
+    # ---- text sets: the real latent/caption data the image callbacks compare with ----
+    @property
+    def latent_data(self):
+        """The LatentShardDataModule of the reference data (text sets only)."""
+        if self.kind != "text":
+            raise AttributeError(f"the couplings in {self.path} are not text-conditional: they have no latent/caption reference data")
+        if self._latent is None:
+            from flowmatch.data.shards import LatentShardDataModule
+
+            location = self.reference_data or (self.manifest.get("data") or {}).get("manifest")
+            if not location:
+                raise CouplingFormatError(f"{self.path}: the coupling manifest records no latent/caption data (data.manifest); give reference_data")
+            try:
+                self._latent = LatentShardDataModule(manifest=str(location), batch_size=self.batch_size, num_workers=0, pin_memory=False,
+                                                     seed=self.reference_seed)
+            except (OSError, ValueError) as err:
+                raise CouplingFormatError(f"{self.path}: cannot open the reference data {location} ({type(err).__name__}: {err}); "
+                                          "give reference_data (the shards' directory)") from None
+        return self._latent
+
+    def num_samples(self, split: str) -> int | None:
+        return self.latent_data.num_samples(split)
+
+    def reference_batch(self, n: int, split: str = "val") -> dict:
+        """The first ``n`` samples of the reference data's split as one batch (real latents, captions, conditions, labels)."""
+        return self.latent_data.reference_batch(n, split)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.latent_data.decode(latents)
+
+    def encode_captions(self, captions: list[str], device: torch.device | str = "cpu") -> dict:
+        return self.latent_data.encode_captions(captions, device)
+
+    def reference_images(self, n: int, split: str = "val") -> torch.Tensor:
+        return self.latent_data.reference_images(n, split)
+
     # ---- what sample metrics compare with ----
     def reference_samples(self, n: int, split: str = "val", return_labels: bool = False):
         """``n`` reference points of ``split`` (the same on every call): the real data of
-        ``reference_target`` if one is set, else the held-out couplings' samples (and their labels)."""
+        ``reference_target`` (or of a text set's latent/caption data) if one is set, else the held-out
+        couplings' samples (and their labels)."""
+        if self.kind == "text":
+            return self.latent_data.reference_samples(n, split, return_labels)
         if self.reference_target is not None:
             from flowmatch.data.toy2d import sample_target, split_seed
 

@@ -15,14 +15,27 @@ file in the tar       content
 ====================  ==================================================================
 KEY.noise.npy         float32 (n, *noise_shape): eps, the starting point at t = 1
 KEY.sample.npy        float32 (n, *sample_shape): Z_0(eps), the flow's sample at t = 0
-KEY.cond.npy          int64 (n,): class labels (only in conditional sets)
+KEY.cond.npy          int64 (n,): class labels (only in class-conditional sets)
+KEY.pooled.npy        (n, P) pooled text vectors            \
+KEY.mask.npy          bool (n, L): True at the real tokens   | only in text-conditional sets
+KEY.tokens.npy        (sum of mask, D): the real tokens'     | (``condition: text``): the
+                      states, pair after pair (the padded    | stored encodings the pairs were
+                      positions of the model's input are 0)  | drawn with, in their own dtype
+KEY.caption.json      {"captions": [...], "sources": [...]} /  (float16 from the shards)
 ====================  ==================================================================
+
+A text record reads back as the model's conditioning dict ``{"pooled": (n, P), "tokens": (n, L, D)
+(zeros at the padded positions), "mask": (n, L)}`` and the caption text of each pair (``sources``:
+which training sample and which of its captions, e.g. "train_0000012/syn", for people).
 
 ``KEY`` is ``pairs_{index of the block's first pair:010d}`` (no dots: webdataset splits keys at
 dots), so every pair has a global index and a reader checks that none is missing or repeated.
 
 The manifest: ``format``/``version``, ``count`` (pairs), ``noise_shape``, ``sample_shape``,
-``dtype``, ``conditional``, ``num_classes``, ``labels`` (how conditions were drawn), ``guidance``,
+``dtype``, ``conditional``, ``condition`` ("none", "label" or "text"; sets without it: "label" when
+conditional), ``num_classes``, ``labels`` (how conditions were drawn), ``guidance``, for text sets
+``text`` (pooled_dim, context_dim, context_length, dtype, and where the captions came from) and
+``data`` (the latent/caption data facts of the source model, flowmatch.data.latent_info),
 ``source_checkpoint``, ``objective``, ``weights`` (raw / ema), ``sampler`` (solver, steps, tolerances,
 shift, grid, name), ``nfe`` (mean per batch) and ``nfe_max``, ``seed``, ``batch_size``,
 ``record_size``, ``shard_size``, ``shards`` ([{name, count}]), ``rectified`` (k of the k-rectified
@@ -46,6 +59,9 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "couplings-{:06d}.tar"
 NOISE, SAMPLE, COND = "noise.npy", "sample.npy", "cond.npy"
+POOLED, MASK, TOKENS, CAPTION = "pooled.npy", "mask.npy", "tokens.npy", "caption.json"
+TEXT_FILES = (POOLED, MASK, TOKENS, CAPTION)
+TEXT_KEYS = ("pooled", "tokens", "mask")  # the conditioning dict of a text model
 KEY_PREFIX = "pairs_"
 DTYPE = np.float32
 REQUIRED_MANIFEST_FIELDS = ("format", "version", "count", "noise_shape", "sample_shape", "conditional", "shards")
@@ -57,15 +73,43 @@ class CouplingFormatError(ValueError):
 
 @dataclass
 class CouplingRecord:
-    """A block of consecutive pairs: global indices first .. first + len(noise) - 1."""
+    """A block of consecutive pairs: global indices first .. first + len(noise) - 1.
+
+    ``cond``: None, int64 class labels (n,), or a text model's conditioning dict {"pooled": (n, P),
+    "tokens": (n, L, D), "mask": bool (n, L)} (then ``captions`` holds each pair's caption text and
+    ``sources`` where it came from).
+    """
 
     first: int
     noise: np.ndarray
     sample: np.ndarray
-    cond: np.ndarray | None = None
+    cond: np.ndarray | dict[str, np.ndarray] | None = None
+    captions: list[str] | None = None
+    sources: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.noise.shape[0])
+
+
+def condition_kind(manifest: dict[str, Any]) -> str:
+    """"none", "label" or "text": what the pairs of a coupling set are conditioned on."""
+    if not manifest.get("conditional"):
+        return "none"
+    return str(manifest.get("condition") or "label")
+
+
+def check_text_cond(cond: Any, n: int, where: str) -> dict[str, np.ndarray]:
+    """A text conditioning dict of ``n`` pairs, checked: pooled (n, P), tokens (n, L, D), mask bool (n, L)."""
+    if not isinstance(cond, dict) or set(cond) != set(TEXT_KEYS):
+        raise ValueError(f"{where}: a text condition is a dict with keys {list(TEXT_KEYS)}, got "
+                         f"{sorted(cond) if isinstance(cond, dict) else type(cond).__name__}")
+    pooled, tokens, mask = (np.asarray(cond[k]) for k in ("pooled", "tokens", "mask"))
+    if pooled.ndim != 2 or tokens.ndim != 3 or mask.ndim != 2 or mask.dtype != bool:
+        raise ValueError(f"{where}: expected pooled (n, P), tokens (n, L, D) and a bool mask (n, L), got "
+                         f"{pooled.shape}, {tokens.shape} and {mask.dtype} {mask.shape}")
+    if not pooled.shape[0] == tokens.shape[0] == mask.shape[0] == n or mask.shape[1] != tokens.shape[1]:
+        raise ValueError(f"{where}: pooled {pooled.shape}, tokens {tokens.shape} and mask {mask.shape} do not fit {n} pairs")
+    return {"pooled": pooled, "tokens": tokens, "mask": mask}
 
 
 def shard_name(index: int) -> str:
@@ -108,16 +152,36 @@ def write_shard(path: str | Path, records: Iterable[CouplingRecord]) -> int:
     with atomic_write(path) as f:
         writer = wds.TarWriter(f, encoder=False, mtime=0.0)
         for rec in records:
-            if rec.noise.shape[0] != rec.sample.shape[0] or (rec.cond is not None and rec.cond.shape[0] != rec.noise.shape[0]):
+            if rec.noise.shape[0] != rec.sample.shape[0] or (isinstance(rec.cond, np.ndarray) and rec.cond.shape[0] != rec.noise.shape[0]):
                 raise ValueError(f"record {rec.first}: noise, sample and cond must hold the same number of pairs")
             item = {"__key__": record_key(rec.first), NOISE: npy_bytes(rec.noise.astype(DTYPE, copy=False)),
                     SAMPLE: npy_bytes(rec.sample.astype(DTYPE, copy=False))}
-            if rec.cond is not None:
+            if isinstance(rec.cond, dict):
+                item.update(_text_members(rec))
+            elif rec.cond is not None:
                 item[COND] = npy_bytes(rec.cond.astype(np.int64, copy=False))
             writer.write(item)
             count += len(rec)
         writer.close()
     return count
+
+
+def _text_members(rec: CouplingRecord) -> dict[str, bytes]:
+    """The tar members of a text record: pooled, mask, the real tokens only, and the captions."""
+    n = len(rec)
+    cond = check_text_cond(rec.cond, n, f"record {rec.first}")
+    tokens, mask = cond["tokens"], cond["mask"]
+    padded = tokens[~mask]
+    if padded.size and np.ascontiguousarray(padded).view(np.uint8).any():  # bitwise: -0.0 would not come back either
+        raise ValueError(f"record {rec.first}: the tokens hold non-zero values at padded positions (mask False); the coupling "
+                         "format stores only the real tokens, as the latent shards do")
+    captions = list(rec.captions) if rec.captions is not None else None
+    sources = list(rec.sources) if rec.sources is not None else [""] * n
+    if captions is None or len(captions) != n or len(sources) != n or not all(isinstance(c, str) for c in captions + sources):
+        raise ValueError(f"record {rec.first}: a text record needs one caption (and source) string per pair, "
+                         f"got {None if captions is None else len(captions)} captions for {n} pairs")
+    return {POOLED: npy_bytes(cond["pooled"]), MASK: npy_bytes(mask), TOKENS: npy_bytes(tokens[mask]),
+            CAPTION: json.dumps({"captions": captions, "sources": sources}, ensure_ascii=False).encode("utf-8")}
 
 
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
@@ -171,7 +235,8 @@ def iter_shard(path: str | Path, manifest: dict[str, Any] | None = None) -> Iter
     path = str(path)
     noise_shape = tuple(manifest["noise_shape"]) if manifest else None
     sample_shape = tuple(manifest["sample_shape"]) if manifest else None
-    conditional = bool(manifest["conditional"]) if manifest else None
+    kind = condition_kind(manifest) if manifest else None
+    text_dims = (manifest.get("text") or {}) if manifest else {}
     try:
         for raw in wds.tarfile_to_samples()(iter([{"url": path}])):
             key = raw["__key__"]
@@ -181,18 +246,55 @@ def iter_shard(path: str | Path, manifest: dict[str, Any] | None = None) -> Iter
                 if name not in raw:
                     raise CouplingFormatError(f"{where}: no {name} (has {sorted(k for k in raw if not k.startswith('__'))})")
             noise, sample = _load_npy(raw[NOISE], f"{where}.{NOISE}"), _load_npy(raw[SAMPLE], f"{where}.{SAMPLE}")
-            cond = _load_npy(raw[COND], f"{where}.{COND}") if COND in raw else None
-            if noise.ndim < 1 or sample.shape[:1] != noise.shape[:1] or (cond is not None and cond.shape != noise.shape[:1]):
-                raise CouplingFormatError(f"{where}: noise {noise.shape}, sample {sample.shape} and cond {None if cond is None else cond.shape} do not hold the same number of pairs")
+            has_text = any(name in raw for name in TEXT_FILES)
+            found = "text" if has_text else "label" if COND in raw else "none"
+            if kind is not None and kind != found:
+                raise CouplingFormatError(f"{where}: the manifest's pairs are conditioned on {kind!r} but the record holds "
+                                          f"{'no condition' if found == 'none' else found + ' conditions'} "
+                                          f"(has {sorted(k for k in raw if not k.startswith('__'))})")
+            captions = sources = None
+            if found == "text":
+                cond, captions, sources = _read_text_members(raw, noise.shape[0], where, text_dims)
+            else:
+                cond = _load_npy(raw[COND], f"{where}.{COND}") if COND in raw else None
+            if noise.ndim < 1 or sample.shape[:1] != noise.shape[:1] or (isinstance(cond, np.ndarray) and cond.shape != noise.shape[:1]):
+                raise CouplingFormatError(f"{where}: noise {noise.shape}, sample {sample.shape} and cond {None if cond is None else getattr(cond, 'shape', 'text')} do not hold the same number of pairs")
             if noise_shape is not None and (noise.shape[1:] != noise_shape or sample.shape[1:] != sample_shape):
                 raise CouplingFormatError(f"{where}: shapes {noise.shape[1:]} / {sample.shape[1:]} differ from the manifest's {noise_shape} / {sample_shape}")
-            if conditional is not None and conditional != (cond is not None):
-                raise CouplingFormatError(f"{where}: the manifest says conditional={conditional} but the record {'has' if cond is not None else 'lacks'} {COND}")
-            yield CouplingRecord(first, noise, sample, cond)
+            yield CouplingRecord(first, noise, sample, cond, captions, sources)
     except CouplingFormatError:
         raise
     except Exception as err:  # tarfile / webdataset errors on a truncated or corrupt file
         raise CouplingFormatError(f"{path}: unreadable coupling shard ({type(err).__name__}: {err})") from None
+
+
+def _read_text_members(raw: dict, n: int, where: str, dims: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    """A text record's conditioning dict (tokens scattered back to (n, L, D)), captions and sources, checked."""
+    missing = [name for name in TEXT_FILES if name not in raw]
+    if missing:
+        raise CouplingFormatError(f"{where}: a text record needs {list(TEXT_FILES)}; missing {missing}")
+    pooled, mask = _load_npy(raw[POOLED], f"{where}.{POOLED}"), _load_npy(raw[MASK], f"{where}.{MASK}")
+    real = _load_npy(raw[TOKENS], f"{where}.{TOKENS}")
+    if mask.dtype != bool or mask.ndim != 2 or mask.shape[0] != n:
+        raise CouplingFormatError(f"{where}.{MASK}: expected bool ({n}, L), got {mask.dtype} {mask.shape}")
+    if pooled.ndim != 2 or pooled.shape[0] != n:
+        raise CouplingFormatError(f"{where}.{POOLED}: expected ({n}, P), got {pooled.shape}")
+    if real.ndim != 2 or real.shape[0] != int(mask.sum()):
+        raise CouplingFormatError(f"{where}.{TOKENS}: expected ({int(mask.sum())} real tokens, D) for the mask, got {real.shape}")
+    for what, have, want in (("pooled_dim", pooled.shape[1], dims.get("pooled_dim")), ("context_length", mask.shape[1], dims.get("context_length")),
+                             ("context_dim", real.shape[1], dims.get("context_dim"))):
+        if want is not None and int(have) != int(want):
+            raise CouplingFormatError(f"{where}: {what} {have} differs from the manifest's {want}")
+    tokens = np.zeros((n, mask.shape[1], real.shape[1]), dtype=real.dtype)
+    tokens[mask] = real
+    try:
+        text = json.loads(raw[CAPTION].decode("utf-8"))
+        captions, sources = list(text["captions"]), list(text["sources"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CouplingFormatError(f"{where}.{CAPTION}: unreadable captions ({type(err).__name__}: {err})") from None
+    if len(captions) != n or len(sources) != n:
+        raise CouplingFormatError(f"{where}.{CAPTION}: {len(captions)} captions / {len(sources)} sources for {n} pairs")
+    return {"pooled": pooled, "tokens": tokens, "mask": mask}, captions, sources
 
 
 def iter_records(location: str | Path) -> Iterator[CouplingRecord]:
@@ -212,14 +314,23 @@ def iter_records(location: str | Path) -> Iterator[CouplingRecord]:
         raise CouplingFormatError(f"{location}: {expected} pairs read, the manifest says {manifest['count']}")
 
 
-def read_couplings(location: str | Path) -> dict[str, np.ndarray | None]:
-    """All pairs of a coupling set in memory: {"noise", "sample", "cond" (None if unconditional)}, as written."""
+def read_couplings(location: str | Path) -> dict[str, Any]:
+    """All pairs of a coupling set in memory, as written: {"noise", "sample", "cond"} (cond None if
+    unconditional, int64 labels, or for text sets the dict {"pooled", "tokens", "mask"}), and for text
+    sets "captions" and "sources" (lists of str)."""
     manifest = read_manifest(location)
     records = list(iter_records(location))
     shape = lambda key: (0, *manifest[f"{key}_shape"])  # noqa: E731
     noise = np.concatenate([r.noise for r in records]) if records else np.zeros(shape("noise"), DTYPE)
     sample = np.concatenate([r.sample for r in records]) if records else np.zeros(shape("sample"), DTYPE)
-    cond = None
-    if manifest["conditional"]:
-        cond = np.concatenate([r.cond for r in records]) if records else np.zeros((0,), np.int64)
-    return {"noise": noise, "sample": sample, "cond": cond}
+    kind = condition_kind(manifest)
+    out: dict[str, Any] = {"noise": noise, "sample": sample, "cond": None}
+    if kind == "label":
+        out["cond"] = np.concatenate([r.cond for r in records]) if records else np.zeros((0,), np.int64)
+    elif kind == "text":
+        if not records:
+            raise CouplingFormatError(f"{location}: a text coupling set without pairs")
+        out["cond"] = {k: np.concatenate([r.cond[k] for r in records]) for k in TEXT_KEYS}
+        out["captions"] = [c for r in records for c in r.captions]
+        out["sources"] = [c for r in records for c in r.sources]
+    return out
