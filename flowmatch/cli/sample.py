@@ -114,7 +114,7 @@ def _check_text_fits(net, text, source: str) -> None:
         want = getattr(net, attr, None)
         if isinstance(want, int) and want and want != have:
             problems.append(f"the network's {attr} is {want} but the text encoders give {have}")
-    if len(getattr(net, "token_keys", ("tokens",))) > 1:
+    if len(getattr(net, "token_keys", ("tokens",))) > 1 and getattr(net, "tokens_2_source", None) is None:
         problems.append("the network takes a second token stream (tokens_2), which prompt encoding does not produce")
     limit = (getattr(net, "max_text_tokens", None) or (None,))
     limit = limit[0] if isinstance(limit, tuple) else limit

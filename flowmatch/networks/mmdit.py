@@ -157,6 +157,7 @@ class MMDiT(nn.Module):
         gradient_checkpointing: bool = False,
         max_text_tokens: int | None = None,
         max_text_tokens_2: int | None = None,
+        tokens_2_source: str | None = None,
     ):
         """
         Args:
@@ -178,11 +179,17 @@ class MMDiT(nn.Module):
             gradient_checkpointing: recompute block activations in the backward pass to save memory.
             max_text_tokens: refuse cond["tokens"] longer than this many tokens (None: no limit; SD3: 77 + 256 = 333).
             max_text_tokens_2: the same for cond["tokens_2"] (3-sets variant only).
+            tokens_2_source: 3-sets variant on data with one text encoder: the cond key ("tokens") whose sequence (and
+                mask) also feeds the second stream, through its own weights and its own dropout; None reads cond["tokens_2"].
         """
         super().__init__()
         for name, value in (("max_text_tokens", max_text_tokens), ("max_text_tokens_2", max_text_tokens_2)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number of tokens or None (no limit), got {value}")
+        if tokens_2_source is not None and context_dim_2 is None:
+            raise ValueError("tokens_2_source feeds the second token stream, which only the 3-sets variant (context_dim_2) has")
+        if tokens_2_source not in (None, "tokens"):
+            raise ValueError(f"tokens_2_source must be None (read cond['tokens_2']) or 'tokens', got {tokens_2_source!r}")
         if max_text_tokens_2 is not None and context_dim_2 is None:
             raise ValueError("max_text_tokens_2 limits cond['tokens_2'], which only the 3-sets variant (context_dim_2) has")
         hidden_size = hidden_size or 64 * depth
@@ -193,6 +200,7 @@ class MMDiT(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
         self.pooled_dim, self.context_dim, self.context_dim_2 = pooled_dim, context_dim, context_dim_2
         self.qk_norm = qk_norm
+        self.tokens_2_source = tokens_2_source
         self.gradient_checkpointing = gradient_checkpointing
         self.max_text_tokens = (max_text_tokens,) if context_dim_2 is None else (max_text_tokens, max_text_tokens_2)
         self.token_keys = ("tokens",) if context_dim_2 is None else ("tokens", "tokens_2")
@@ -230,6 +238,11 @@ class MMDiT(nn.Module):
 
     # ---- conditioning -------------------------------------------------------------------
     def _check_cond(self, cond: object) -> dict:
+        if self.tokens_2_source is not None and isinstance(cond, dict) and "tokens_2" not in cond:
+            src = require_keys(cond, ("pooled", self.tokens_2_source), type(self).__name__)
+            cond = {**src, "tokens_2": src[self.tokens_2_source]}
+            if src.get("mask") is not None:
+                cond["mask_2"] = src["mask"]
         return require_keys(cond, ("pooled", *self.token_keys), type(self).__name__)
 
     def null_condition(self, cond: dict) -> dict:
