@@ -216,3 +216,23 @@ def test_all_masked_text_means_image_only_attention():
     out = net(z, t, cond)
     assert torch.isfinite(out).all()
     assert torch.allclose(net(z, t, dict(cond, tokens=cond["tokens"] * 3)), out, atol=1e-5)
+
+
+def test_three_sets_second_stream_from_the_first_streams_tokens():
+    """tokens_2_source='tokens' (data with one text encoder) is the 3-sets model given tokens_2 = tokens, mask_2 = mask."""
+    torch.manual_seed(0)
+    net = randomize(MMDiT(**TINY, context_dim_2=20, tokens_2_source="tokens")).eval()
+    cond = make_cond(2)
+    cond["mask"] = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    z, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        implicit = net(z, t, cond)
+        explicit = net(z, t, {**cond, "tokens_2": cond["tokens"], "mask_2": cond["mask"]})
+        other = net(z, t, {**cond, "tokens_2": torch.randn(2, 7, 20)})
+    assert torch.equal(implicit, explicit) and not torch.allclose(implicit, other)
+    null = net.null_condition(cond)
+    assert set(null) >= {"tokens", "tokens_2", "mask", "mask_2"} and bool(null["mask_2"].all())
+    with pytest.raises(ValueError, match="only the 3-sets variant"):
+        MMDiT(**TINY, tokens_2_source="tokens")
+    with pytest.raises(ValueError, match="tokens_2_source must be None"):
+        MMDiT(**TINY, context_dim_2=20, tokens_2_source="pooled")

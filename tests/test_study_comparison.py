@@ -84,3 +84,19 @@ def test_comparison_section_table_paper_column_and_plots(tmp_path):
 def test_unknown_claim_kind_is_an_error():
     with pytest.raises(ValueError, match="unknown claim kind"):
         check_claim({"kind": "best"}, _runs(), [0, 1, 2])
+
+
+@pytest.mark.parametrize("name", ["architectures", "qk_norm_bf16"])
+def test_the_digit_studies_plan_real_configs(name):
+    from flowmatch.studies import BUDGETS, plan
+
+    study = load_study(name)
+    assert set(study.budgets) == set(BUDGETS) and study.report["kind"] == "comparison"
+    for budget in BUDGETS:
+        runs = plan(study, budget)
+        assert all(r.config_path.is_file() for r in runs)
+        for r in runs:  # every YAML file an override names exists
+            assert all(study.resolve(v).is_file() for v in r.overrides.values() if isinstance(v, str) and v.endswith(".yaml"))
+    names = {v.name for v in study.variants}
+    for claim in study.report["claims"]:
+        assert set([claim["variant"]] + ([claim["than"]] if isinstance(claim["than"], str) else claim["than"])) <= names
