@@ -100,3 +100,28 @@ def test_the_digit_studies_plan_real_configs(name):
     names = {v.name for v in study.variants}
     for claim in study.report["claims"]:
         assert set([claim["variant"]] + ([claim["than"]] if isinstance(claim["than"], str) else claim["than"])) <= names
+
+
+def test_results_read_from_several_stores(tmp_path):
+    """A study sharded over parallel processes, each with its own SQLite store, is written up from all of them."""
+    from mlflow.tracking import MlflowClient
+
+    from flowmatch.studies import plan
+    from flowmatch.studies.results import collect
+
+    study = _study(tmp_path, {"kind": "comparison", "columns": [{"metric": "val/fd", "label": "FD"}]})
+    fp = {r.variant.name: r.fingerprint for r in plan(study, "small", seeds=1)}
+    uris, ids = [], {}
+    for i, variant in enumerate(("a", "b")):
+        uri = f"sqlite:///{tmp_path / f'shard{i}.db'}"
+        client = MlflowClient(uri)
+        exp = client.create_experiment("x")
+        run = client.create_run(exp, tags={"study": "cmp", "variant": variant, "seed": "0", "budget": "small", "study_fingerprint": fp[variant]})
+        for step, value in ((9, 3.0 + i), (19, 2.0 + i)):
+            client.log_metric(run.info.run_id, "val/fd", value, step=step)
+        client.set_terminated(run.info.run_id)
+        uris.append(uri)
+        ids[variant] = run.info.run_id
+    runs = collect(study, "small", ",".join(uris), history_keys=["val/fd"])
+    assert {k: r.run_id for k, r in runs.items()} == {("a", 0): ids["a"], ("b", 0): ids["b"]}
+    assert runs[("b", 0)].metrics["val/fd"] == 3.0 and runs[("b", 0)].history["val/fd"] == [(10, 4.0), (20, 3.0)]

@@ -86,19 +86,23 @@ def collect(study: Study, budget: str, tracking_uri: str, history_keys: list[str
     from flowmatch.studies.runner import search_study_runs
 
     current = {r.variant.name: r.fingerprint for r in plan(study, budget, seeds=1)}
-    client = MlflowClient(tracking_uri)
-    try:
-        found = search_study_runs(tracking_uri, study, budget)
-    except MlflowException as err:
-        raise ResultsError(f"could not read runs from {tracking_uri}: {str(err).splitlines()[0]}") from None
+    # several stores, comma-separated: the shards of a study run by parallel processes, each into its own store
+    uris = [u.strip() for u in tracking_uri.split(",") if u.strip()]
     latest: dict[tuple[str, int], Any] = {}
-    for run in found:
-        tags = run.data.tags
-        if not tags.get("seed", "").isdigit() or current.get(tags.get("variant")) != tags.get("study_fingerprint"):
-            continue
-        key = (tags["variant"], int(tags["seed"]))
-        if key not in latest or run.info.start_time > latest[key].info.start_time:
-            latest[key] = run
+    store_of: dict[str, str] = {}
+    for uri in uris:
+        try:
+            found = search_study_runs(uri, study, budget)
+        except MlflowException as err:
+            raise ResultsError(f"could not read runs from {uri}: {str(err).splitlines()[0]}") from None
+        for run in found:
+            tags = run.data.tags
+            if not tags.get("seed", "").isdigit() or current.get(tags.get("variant")) != tags.get("study_fingerprint"):
+                continue
+            key = (tags["variant"], int(tags["seed"]))
+            if key not in latest or run.info.start_time > latest[key].info.start_time:
+                latest[key] = run
+                store_of[run.info.run_id] = uri
     if not latest:
         raise ResultsError(f"no finished runs of study {study.name!r} (budget {budget}, current definitions) in {tracking_uri}, "
                            f"experiment {study.experiment!r}; run `python -m flowmatch study {study.name} --budget {budget}` first")
@@ -110,7 +114,8 @@ def collect(study: Study, budget: str, tracking_uri: str, history_keys: list[str
         for hk in history_keys or []:
             if hk in rec.metrics:
                 # Lightning logs a validation at the 0-based index of the last batch: +1 is the number of steps trained
-                rec.history[hk] = sorted((m.step + 1, m.value) for m in client.get_metric_history(rec.run_id, hk))
+                history = MlflowClient(store_of[rec.run_id]).get_metric_history(rec.run_id, hk)
+                rec.history[hk] = sorted((m.step + 1, m.value) for m in history)
         out[key] = rec
     return out
 
