@@ -11,10 +11,20 @@ same seed (the MLflow artifact ``model/final.ckpt``), draws couplings from it wi
 ``python -m flowmatch reflow`` into ``WORKDIR/<study>/<budget>/couplings/<V>_seed<k>_<run id>`` (kept
 and reused: named by the source run, so they never go stale) and trains on them
 (``--data.init_args.path``); ``init_from: V`` starts from V's weights (``--model.init_args.init_weights``).
+
+Latents of a study's own autoencoder: a variant with ``latents_from: V`` (V fits
+flowmatch.autoencoders.conv.AutoencoderModule) downloads V's final model at the same seed, writes the demo's
+latent/caption shards with it, ``python -m flowmatch prepare --source demo --autoencoder <V's final.ckpt>``,
+into ``WORKDIR/<study>/<budget>/latents/<V>_seed<k>_<run id>`` (once: reused when its manifest.json exists;
+the manifest names the checkpoint, so training and evaluation decode through the same autoencoder) and
+trains on them (``--data.init_args.data_dir DIR --data.init_args.prepare_source null``: never the demo's
+own shards). The run is tagged ``latents_from_run``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -117,6 +127,24 @@ class StudyRunner:
                 "--trainer.logger.init_args.experiment_name", self.study.experiment,
                 "--trainer.logger.init_args.run_name", run.run_name, "--trainer.logger.init_args.tags", tags]
 
+    def prepare_argv(self, run: PlannedRun, ckpt: Path, out: Path) -> list[str]:
+        """The demo's shards written with an autoencoder checkpoint (by default the demo's fixed split, seed 0),
+        with the study's / budget's ``latents`` options."""
+        opts = {"source": "demo", **run.latents}
+        args = [self.python, "-m", "flowmatch", "prepare", "--source", cli_value(opts.pop("source")), "--out", str(out),
+                "--autoencoder", str(ckpt), "--progress", "false"]
+        for key, value in opts.items():
+            args += [f"--{key}", cli_value(value)]
+        return args
+
+    def latents_dir(self, run: PlannedRun, source: FinishedRun | None) -> Path:
+        """Where the latents of the run's autoencoder variant go: named by that variant's run (a placeholder when it has
+        not run yet), and by a hash of the ``latents`` options when there are any."""
+        variant = run.variant.latents_from
+        rid = source.run_id[:12] if source is not None else "<run id>"
+        opts = f"_{hashlib.sha1(json.dumps(run.latents, sort_keys=True, default=str).encode()).hexdigest()[:8]}" if run.latents else ""
+        return self.workdir / "latents" / f"{variant}_seed{run.seed}_{rid}{opts}"
+
     def reflow_argv(self, run: PlannedRun, ckpt: Path, out: Path) -> list[str]:
         opts = {"num_pairs": 50000, "solver": "euler", "steps": 100, **run.reflow}
         args = [self.python, "-m", "flowmatch", "reflow", "--ckpt", str(ckpt), "--out", str(out), "--seed", str(run.seed), "--progress", "false"]
@@ -138,14 +166,19 @@ class StudyRunner:
                 self.echo(f"{run.describe()} ... skip: finished run {prev.run_id}{self._headline(prev.metrics)}  [elapsed {elapsed}]")
                 outcome.skipped.append((run, prev.run_id))
                 continue
-            deps = list(dict.fromkeys(d for d in (run.variant.couplings_from, run.variant.init_from) if d))
+            deps = run.variant.depends_on
             missing = [d for d in deps if (d, run.seed) not in done]
             if dry_run:
                 after = f" (after {' and '.join(missing)} at seed {run.seed})" if missing else ""
                 self.echo(f"{run.describe()} ... would run{after}")
                 if run.variant.couplings_from:
                     self.echo(f"    couplings: {shlex.join(self._rel(self.reflow_argv(run, Path('<' + run.variant.couplings_from + ' final.ckpt>'), Path('<couplings>'))))}")
-                self.echo(f"    {shlex.join(self._rel(self.fit_argv(run, self._dep_args_placeholder(run))))}")
+                if run.variant.latents_from:
+                    src = run.variant.latents_from
+                    out = self.latents_dir(run, done.get((src, run.seed)))
+                    reuse = " (exists: reused)" if (out / "manifest.json").is_file() else ""
+                    self.echo(f"    latents: {shlex.join(self._rel(self.prepare_argv(run, Path('<' + src + ' final.ckpt>'), out)))}{reuse}")
+                self.echo(f"    {shlex.join(self._rel(self.fit_argv(run, self._dep_args_placeholder(run, done))))}")
                 continue
             if any((d, run.seed) in failed_keys or (d, run.seed) not in done for d in deps):
                 why = f"needs {', '.join(deps)} at seed {run.seed}, which did not finish"
@@ -193,12 +226,15 @@ class StudyRunner:
             out.append("python" if a == self.python else a)
         return out
 
-    def _dep_args_placeholder(self, run: PlannedRun) -> list[str]:
+    def _dep_args_placeholder(self, run: PlannedRun, done: dict[tuple[str, int], FinishedRun]) -> list[str]:
         args = []
         if run.variant.couplings_from:
             args += ["--data.init_args.path", f"<couplings of {run.variant.couplings_from}>"]
         if run.variant.init_from:
             args += ["--model.init_args.init_weights", f"<{run.variant.init_from} final.ckpt>"]
+        if run.variant.latents_from:
+            latents = self.latents_dir(run, done.get((run.variant.latents_from, run.seed)))
+            args += ["--data.init_args.data_dir", str(latents), "--data.init_args.prepare_source", "null"]
         return args
 
     # --- steps --------------------------------------------------------------------------------------------------------
@@ -231,12 +267,14 @@ class StudyRunner:
                 local = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path=FINAL_MODEL_ARTIFACT, dst_path=str(dst),
                                                             tracking_uri=self.tracking_uri)
             except Exception as err:  # noqa: BLE001 - any store error is reported with the run it concerns
-                raise StudyRunError(f"could not download {FINAL_MODEL_ARTIFACT} of run {source.run_id}: {str(err).splitlines()[0]}") from None
+                raise StudyRunError(f"could not download {FINAL_MODEL_ARTIFACT} of run {source.run_id} (variant {source.variant}, seed {source.seed}): "
+                                    f"{str(err).splitlines()[0]}") from None
             path = Path(local)
         return path
 
     def _prepare_dependencies(self, run: PlannedRun, done: dict[tuple[str, int], FinishedRun]) -> tuple[list[str], dict[str, str]]:
-        """Couplings and initial weights of a reflow / distillation variant: (fit arguments, extra tags)."""
+        """Couplings and initial weights of a reflow / distillation variant, latents of an autoencoder variant:
+        (fit arguments, extra tags)."""
         args: list[str] = []
         tags: dict[str, str] = {}
         if run.variant.couplings_from:
@@ -255,7 +293,27 @@ class StudyRunner:
             source = done[(run.variant.init_from, run.seed)]
             args += ["--model.init_args.init_weights", str(self._final_model(source).resolve())]
             tags["init_from_run"] = source.run_id
+        if run.variant.latents_from:
+            source = done[(run.variant.latents_from, run.seed)]
+            out = self._latents(run, source)
+            args += ["--data.init_args.data_dir", str(out.resolve()), "--data.init_args.prepare_source", "null"]
+            tags["latents_from_run"] = source.run_id
         return args, tags
+
+    def _latents(self, run: PlannedRun, source: FinishedRun) -> Path:
+        """The demo's latent shards written with an autoencoder run's final model (written once, then reused)."""
+        out = self.latents_dir(run, source)
+        what = f"latents of {source.variant} seed {source.seed} (run {source.run_id[:12]})"
+        if (out / "manifest.json").is_file():
+            self.echo(f"    {what}: reusing {out}")
+            return out
+        ckpt = self._final_model(source)
+        t0 = time.time()
+        self._call(self.prepare_argv(run, ckpt.resolve(), out), self._log(f"prepare_{source.variant}_seed{source.seed}"), f"prepare of the {what}")
+        if not (out / "manifest.json").is_file():
+            raise StudyRunError(f"prepare of the {what} exited normally but wrote no {out / 'manifest.json'}")
+        self.echo(f"    {what} written in {time.time() - t0:.0f} s: {out}")
+        return out
 
 
 class StudyRunError(RuntimeError):

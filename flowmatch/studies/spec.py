@@ -11,7 +11,10 @@ A study is a small YAML file (``experiments/studies/<name>.yaml``)::
       rf_uniform: {label: rf, overrides: {model.init_args.time_sampler: flowmatch.time_samplers.UniformTime}}
       eps_linear: {label: eps/linear, config: ../toy2d_eps.yaml}
       two_rf: {config: ../toy2d_reflow.yaml, couplings_from: one_rf, init_from: one_rf}   # a reflow step
+      ae_d4: {config: ../../configs/autoencoder/ae_d4.yaml}                                 # an autoencoder fit
+      gen_d4: {config: ../latent_mmdit_small.yaml, latents_from: ae_d4}                   # trained on its latents
     reflow: {num_pairs: 50000, solver: euler, steps: 100}        # options of `python -m flowmatch reflow`
+    latents: {shard_size: 256}                                     # options of `python -m flowmatch prepare` (latents_from)
     budgets:
       small: {seeds: 3, overrides: {trainer.max_steps: 1500}, reflow: {num_pairs: 20000}}
       medium: {...}
@@ -24,6 +27,11 @@ variant's and the budget's overrides (later ones win) and ``seed_everything`` se
 A run's *fingerprint* hashes what the study file says about it and the text of the config files it
 names directly, so that changing a variant's definition makes the study re-run it rather than count
 an old run as done.
+
+``latents_from: V`` names an autoencoder-fit variant listed earlier (its config's model is
+flowmatch.autoencoders.conv.AutoencoderModule): the runner writes the demo's latent shards with V's final
+model at the same seed (``python -m flowmatch prepare --source demo --autoencoder ...``, with the study's and
+the budget's ``latents`` options, e.g. ``{limit: 300}``) and trains the variant on them (see flowmatch.studies.runner).
 """
 
 from __future__ import annotations
@@ -40,9 +48,11 @@ import yaml
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "experiments" / "studies"
 BUDGETS = ("small", "medium", "large")
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-STUDY_KEYS = {"description", "experiment", "base", "overrides", "variants", "reflow", "budgets", "report"}
-VARIANT_KEYS = {"label", "config", "overrides", "couplings_from", "init_from", "description"}
-BUDGET_KEYS = {"seeds", "overrides", "reflow"}
+STUDY_KEYS = {"description", "experiment", "base", "overrides", "variants", "reflow", "latents", "budgets", "report"}
+VARIANT_KEYS = {"label", "config", "overrides", "couplings_from", "init_from", "latents_from", "description"}
+AUTOENCODER_MODULE = "flowmatch.autoencoders.conv.AutoencoderModule"  # what a latents_from variant must fit
+BUDGET_KEYS = {"seeds", "overrides", "reflow", "latents"}
+LATENTS_FIXED = ("out", "autoencoder")  # prepare options the runner sets itself (not allowed under `latents`)
 
 
 class StudyError(ValueError):
@@ -57,6 +67,12 @@ class Variant:
     overrides: dict[str, Any]
     couplings_from: str | None = None  # draw reflow couplings from this variant's final model (same seed)
     init_from: str | None = None  # start from this variant's final weights (same seed)
+    latents_from: str | None = None  # train on the demo's latents written by this autoencoder variant's final model (same seed)
+
+    @property
+    def depends_on(self) -> list[str]:
+        """The variants whose finished run (at the same seed) this one needs, without repeats."""
+        return list(dict.fromkeys(d for d in (self.couplings_from, self.init_from, self.latents_from) if d))
 
 
 @dataclass
@@ -65,6 +81,7 @@ class Budget:
     seeds: int
     overrides: dict[str, Any]
     reflow: dict[str, Any]
+    latents: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,6 +95,7 @@ class Study:
     overrides: dict[str, Any]
     reflow: dict[str, Any]
     report: dict[str, Any]
+    latents: dict[str, Any] = field(default_factory=dict)  # options of `prepare` for the latents_from variants
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -102,6 +120,7 @@ class PlannedRun:
     budget: str
     overrides: dict[str, Any]  # study, variant and budget overrides merged (later win)
     reflow: dict[str, Any] = field(default_factory=dict)  # options of the reflow step (variants with couplings_from)
+    latents: dict[str, Any] = field(default_factory=dict)  # options of the prepare step (variants with latents_from)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -123,6 +142,8 @@ class PlannedRun:
         texts = {f: self.study.resolve(f).read_text() for f in files if self.study.resolve(f).is_file()}
         spec = {"config": self.variant.config, "overrides": self.overrides, "couplings_from": self.variant.couplings_from,
                 "init_from": self.variant.init_from, "reflow": self.reflow if self.variant.couplings_from else None, "files": texts}
+        if self.variant.latents_from:  # only when set: the fingerprints of studies without it stay as they were
+            spec["latents_from"], spec["latents"] = self.variant.latents_from, self.latents
         return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def tags(self) -> dict[str, str]:
@@ -210,13 +231,22 @@ def load_study(name: str, directory: Path = STUDIES_DIR) -> Study:
         if not (path.parent / config).is_file():
             raise StudyError(f"{where}: config {config!r} not found (looked for {(path.parent / config).resolve()})")
         earlier = [v.name for v in variants]
-        for dep_key in ("couplings_from", "init_from"):
+        for dep_key in ("couplings_from", "init_from", "latents_from"):
             dep = vraw.get(dep_key)
             if dep is not None and dep not in earlier:
                 raise StudyError(f"{where}: {dep_key} {dep!r} must name a variant listed before it ({', '.join(earlier) or 'none'})")
+        latents_from = vraw.get("latents_from")
+        if latents_from is not None:
+            if vraw.get("couplings_from") is not None:
+                raise StudyError(f"{where}: latents_from and couplings_from both choose the training data; give one")
+            source = variants[earlier.index(latents_from)]
+            fits = _model_class(path.parent / source.config, source.overrides, path.parent)
+            if fits is not None and fits.rsplit(".", 1)[-1] != AUTOENCODER_MODULE.rsplit(".", 1)[-1]:
+                raise StudyError(f"{where}: latents_from {latents_from!r} must name an autoencoder fit (model {AUTOENCODER_MODULE}), "
+                                 f"but variant {latents_from!r} fits {fits} (config {(path.parent / source.config).resolve()})")
         variants.append(Variant(name=str(vname), label=str(vraw.get("label", vname)), config=str(config),
                                 overrides=_mapping(vraw.get("overrides"), f"{where}.overrides"),
-                                couplings_from=vraw.get("couplings_from"), init_from=vraw.get("init_from")))
+                                couplings_from=vraw.get("couplings_from"), init_from=vraw.get("init_from"), latents_from=latents_from))
     budgets_raw = _mapping(raw.get("budgets"), f"{path}: budgets")
     if not budgets_raw:
         raise StudyError(f"{path}: a study needs 'budgets' (any of {', '.join(BUDGETS)})")
@@ -230,11 +260,43 @@ def load_study(name: str, directory: Path = STUDIES_DIR) -> Study:
         seeds = braw.get("seeds", 1)
         if not isinstance(seeds, int) or seeds < 1:
             raise StudyError(f"{where}.seeds: expected an integer >= 1, got {seeds!r}")
-        budgets[bname] = Budget(bname, seeds, _mapping(braw.get("overrides"), f"{where}.overrides"), _mapping(braw.get("reflow"), f"{where}.reflow"))
+        budgets[bname] = Budget(bname, seeds, _mapping(braw.get("overrides"), f"{where}.overrides"), _mapping(braw.get("reflow"), f"{where}.reflow"),
+                                _latents_options(braw.get("latents"), f"{where}.latents"))
     return Study(name=study_name, path=path, description=str(raw.get("description", "")).strip(),
                  experiment=str(raw.get("experiment", "studies")), variants=variants, budgets=budgets,
                  overrides=_mapping(raw.get("overrides"), f"{path}: overrides"), reflow=_mapping(raw.get("reflow"), f"{path}: reflow"),
-                 report=_mapping(raw.get("report"), f"{path}: report"))
+                 report=_mapping(raw.get("report"), f"{path}: report"), latents=_latents_options(raw.get("latents"), f"{path}: latents"))
+
+
+def _latents_options(value: Any, where: str) -> dict[str, Any]:
+    options = _mapping(value, where)
+    fixed = sorted(set(options) & set(LATENTS_FIXED))
+    if fixed:
+        raise StudyError(f"{where}: {', '.join(fixed)} is set by the study runner (the latents folder, the autoencoder variant's final model)")
+    return options
+
+
+def _model_class(config: Path, overrides: dict[str, Any], study_dir: Path) -> str | None:
+    """The model class a variant fits, as far as its config file and overrides say (None if they do not say)."""
+
+    def of(model: Any, base: Path) -> str | None:
+        if isinstance(model, str) and model.endswith((".yaml", ".yml")):
+            try:
+                model = yaml.safe_load((base / model).read_text())
+            except (OSError, yaml.YAMLError):
+                return None
+        if isinstance(model, str):
+            return model
+        return model.get("class_path") if isinstance(model, dict) and isinstance(model.get("class_path"), str) else None
+
+    for key in ("model.class_path", "model"):
+        if key in overrides:
+            return of(overrides[key], study_dir)
+    try:
+        raw = yaml.safe_load(Path(config).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return of(raw.get("model"), Path(config).parent) if isinstance(raw, dict) else None
 
 
 def plan(study: Study, budget: str, seeds: int | None = None, variants: list[str] | None = None) -> list[PlannedRun]:
@@ -256,7 +318,8 @@ def plan(study: Study, budget: str, seeds: int | None = None, variants: list[str
         for v in chosen:
             merged = {**study.overrides, **v.overrides, **b.overrides}
             reflow = {**study.reflow, **b.reflow} if v.couplings_from else {}
-            runs.append(PlannedRun(0, 0, study, v, seed, budget, merged, reflow))
+            latents = {**study.latents, **b.latents} if v.latents_from else {}
+            runs.append(PlannedRun(0, 0, study, v, seed, budget, merged, reflow, latents))
     for i, r in enumerate(runs, 1):
         r.index, r.total = i, len(runs)
     return runs
