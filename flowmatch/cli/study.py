@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   nice -n 15 python -m flowmatch study sd3_formulations --budget small          # runs, then writes docs/results.md
   python -m flowmatch study sd3_formulations --budget small --report-only       # rewrite the section from MLflow
   python -m flowmatch study reflow --budget medium --seeds 5 --tracking_uri http://127.0.0.1:5000
+  nice -n 15 python -m flowmatch study latent_channels --budget small --threads 1   # autoencoders d=4/8/16, generators on their latents
 """
 
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking_uri", "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--out", default="docs/results", help="results: OUT.md (the markdown) and OUT/ (its plots); default docs/results")
-    p.add_argument("--workdir", default="runs/studies", help="logs, downloaded models and reflow couplings (default runs/studies)")
+    p.add_argument("--workdir", default="runs/studies", help="logs, downloaded models, reflow couplings and latent shards (default runs/studies)")
     p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the plan (what would run, what is done) and exit")
     p.add_argument("--report-only", "--report_only", action="store_true", help="only (re)write the study's results section from MLflow")
     p.add_argument("--no-report", "--no_report", action="store_true", help="run the fits but do not write the results")
