@@ -247,17 +247,23 @@ def test_nan_output_raises_without_a_trainer():
         model.training_step({"x0": torch.randn(4, 2)}, 0)
 
 
-def test_nan_output_stops_a_real_fit_before_any_update():
+def test_nan_output_stops_a_real_fit_before_any_update(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
     model = RectifiedFlow(NaNNet())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = DataLoader([{"x0": torch.randn(2)} for _ in range(8)], batch_size=4)
+    logger = CSVLogger(tmp_path)
     trainer = L.Trainer(
-        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+        max_steps=2, logger=logger, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
     )
     with pytest.raises(NonFiniteLossError):
         trainer.fit(model, data)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # weights untouched
+    logger.save()  # the run's record says when it diverged (studies count such runs as results)
+    text = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "train/diverged_at_step" in text.splitlines()[0] and "0.0" in text.splitlines()[1]
 
 
 # --- SD3 validation levels ---------------------------------------------------------------------------

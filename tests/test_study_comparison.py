@@ -125,3 +125,44 @@ def test_results_read_from_several_stores(tmp_path):
     runs = collect(study, "small", ",".join(uris), history_keys=["val/fd"])
     assert {k: r.run_id for k, r in runs.items()} == {("a", 0): ids["a"], ("b", 0): ids["b"]}
     assert runs[("b", 0)].metrics["val/fd"] == 3.0 and runs[("b", 0)].history["val/fd"] == [(10, 4.0), (20, 3.0)]
+
+
+def test_diverged_runs_are_results_and_crashes_are_not(tmp_path):
+    """A FAILED run that logged train/diverged_at_step counts (a 'loss diverged' column; the worst value in claims);
+    a FAILED run without it (a crash) does not."""
+    from mlflow.tracking import MlflowClient
+
+    from flowmatch.studies import plan
+    from flowmatch.studies.results import collect
+    from flowmatch.studies.runner import finished_runs
+
+    report = {"kind": "comparison", "columns": [{"metric": "val/fd", "label": "FD"}],
+              "claims": [{"kind": "better", "metric": "val/fd", "variant": "a", "than": "b", "text": "a beats b"}]}
+    study = _study(tmp_path, report)
+    fp = {r.variant.name: r.fingerprint for r in plan(study, "small", seeds=1)}
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x")
+
+    def run(variant, seed, status, metrics):
+        r = client.create_run(exp, tags={"study": "cmp", "variant": variant, "seed": str(seed), "budget": "small", "study_fingerprint": fp[variant]})
+        for k, v in metrics.items():
+            client.log_metric(r.info.run_id, k, v, step=0)
+        client.set_terminated(r.info.run_id, status=status)
+        return r.info.run_id
+
+    run("a", 0, "FINISHED", {"val/fd": 1.0})
+    run("a", 1, "FINISHED", {"val/fd": 1.2})
+    run("b", 0, "FINISHED", {"val/fd": 0.5})
+    diverged = run("b", 1, "FAILED", {"train/diverged_at_step": 77.0})
+    run("ae", 0, "FAILED", {"train/loss": 1.0})  # a crash
+    runs = collect(study, "small", uri)
+    assert set(runs) == {("a", 0), ("a", 1), ("b", 0), ("b", 1)} and runs[("b", 1)].run_id == diverged
+    done = finished_runs(uri, study, "small")
+    assert done[("b", 1)].diverged and not done[("a", 0)].diverged and ("ae", 0) not in done
+    sec = comparison_section(study, runs, tmp_path, "results")
+    body = "\n".join(sec.body)
+    assert "| variant | seeds | loss diverged (at step) | FD ↓ |" in body
+    assert "| B | 2 | 1 (77) | 0.500 |" in body and "| A | 2 | 0 | 1.100 ± 0.141 |" in body
+    # seed 1: b diverged, so a wins there; seed 0: b wins; means: a 1.1 vs b inf
+    assert "- a beats b: ≈" in body and "holds in 1/2 seeds" in body  # holds on the means, not in every seed

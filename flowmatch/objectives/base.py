@@ -30,6 +30,9 @@ class NonFiniteLossError(RuntimeError):
     """Raised (before any weight update) when the training loss is NaN or infinite."""
 
 
+DIVERGED_METRIC = "train/diverged_at_step"  # logged once, just before NonFiniteLossError stops the run
+
+
 class FlowObjective(L.LightningModule):
     """Base class of all objectives. Subclasses set ``self.path`` and ``self.parametrisation``.
 
@@ -190,6 +193,9 @@ class FlowObjective(L.LightningModule):
             ckpt = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
             last = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
             kept = f" The last good checkpoint is kept: {last}." if last else " No checkpoint had been written yet."
+            if trainer is not None and getattr(trainer, "is_global_zero", False):  # the run's record says it diverged, and when (studies count it)
+                for logger in trainer.loggers:
+                    logger.log_metrics({DIVERGED_METRIC: float(self.global_step)}, step=self.global_step)
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step} (batch {batch_idx}); "
                 f"stopping before the update so no NaN weights are written.{kept} Lower the learning rate "

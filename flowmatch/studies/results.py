@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from flowmatch.objectives.base import DIVERGED_METRIC
 from flowmatch.studies.spec import Study, plan
 from flowmatch.tracking.report import series_color, pyplot, save_figure
 
@@ -92,10 +93,12 @@ def collect(study: Study, budget: str, tracking_uri: str, history_keys: list[str
     store_of: dict[str, str] = {}
     for uri in uris:
         try:
-            found = search_study_runs(uri, study, budget)
+            found = search_study_runs(uri, study, budget, statuses=("FINISHED", "FAILED"))
         except MlflowException as err:
             raise ResultsError(f"could not read runs from {uri}: {str(err).splitlines()[0]}") from None
         for run in found:
+            if run.info.status == "FAILED" and DIVERGED_METRIC not in run.data.metrics:
+                continue  # a crash, not a result; a diverged run (non-finite loss) is one
             tags = run.data.tags
             if not tags.get("seed", "").isdigit() or current.get(tags.get("variant")) != tags.get("study_fingerprint"):
                 continue
@@ -218,6 +221,8 @@ def check_claim(claim: dict, runs: dict[tuple[str, int], RunRecord], seeds: list
             val = _metric_value(rec, metric, at) if rec else None
             if val is not None and not math.isnan(val):
                 out[s] = sign * val
+            elif rec is not None and DIVERGED_METRIC in rec.metrics:
+                out[s] = math.inf  # the loss diverged before the metric was measured: the worst outcome
         return out
 
     if kind in ("better", "factor"):
@@ -271,6 +276,10 @@ def _clear(vals: dict[str, dict[int, float]], winners: list[str], losers: list[s
     for w in winners:
         for loser in losers:
             diffs = np.array([vals[loser][s] - vals[w][s] for s in seeds])
+            if not np.isfinite(diffs).all():  # a diverged run (inf): clear only if every seed goes the winner's way
+                if not (diffs > 0).all():
+                    return False
+                continue
             se = diffs.std(ddof=1) / math.sqrt(len(diffs))
             if diffs.mean() < 2 * se or diffs.mean() <= 0:
                 return False
@@ -649,6 +658,9 @@ def comparison_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Sec
     paper_cols = [c for c in columns if any(c["label"] in pv or c["metric"] in pv for pv in paper_values.values())]
     sec = Section()
     header = ["variant", "seeds"]
+    any_diverged = any(DIVERGED_METRIC in r.metrics for r in runs.values())
+    if any_diverged:
+        header.append("loss diverged (at step)")
     for c in columns:
         header.append(f"{c['label']} {'↑' if c.get('higher') else '↓'}")
         if c in paper_cols:
@@ -656,6 +668,9 @@ def comparison_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Sec
     rows = []
     for v in variants:
         row = [_label(study, v), str(len([1 for (vv, _) in runs if vv == v]))]
+        if any_diverged:
+            steps = _values(runs, v, DIVERGED_METRIC)
+            row.append(f"{len(steps)} ({', '.join(f'{x:.0f}' for x in steps)})" if steps else "0")
         for c in columns:
             row.append(fmt_ms(_values(runs, v, c["metric"])))
             if c in paper_cols:
@@ -664,7 +679,9 @@ def comparison_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Sec
                 row.append("—" if value is None else f"{value:g}")
         rows.append(row)
     sec.body.append("Final validation, mean ± std over seeds (↑ higher is better, ↓ lower is better; — where a variant does not "
-                    "have the metric)." + (f" Paper values: {paper['source']}." if paper.get("source") else "") + "\n")
+                    "have the metric)." + (" A run whose training loss became NaN or infinite stops there (before the bad update); it "
+                    "counts in the 'loss diverged' column and has no final metrics, so its variant's means are over the other seeds, and "
+                    "the claims count it as the worst outcome." if any_diverged else "") + (f" Paper values: {paper['source']}." if paper.get("source") else "") + "\n")
     sec.body.append(md_table(header, rows))
     curves = [m for m in rep.get("curves", []) if any(m in r.history for r in runs.values())]
     _curve_tables(sec, study, runs, variants, curves)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from flowmatch.objectives.base import DIVERGED_METRIC
 from flowmatch.studies.spec import PlannedRun, Study, cli_value
 
 FINAL_MODEL_ARTIFACT = "model/final.ckpt"
@@ -53,6 +54,11 @@ class FinishedRun:
     def seconds(self) -> float | None:
         return (self.end_time - self.start_time) / 1000 if self.end_time else None
 
+    @property
+    def diverged(self) -> bool:
+        """The fit stopped on a non-finite loss: a result of the study (kept, not re-run), but it has no final model."""
+        return DIVERGED_METRIC in self.metrics
+
 
 @dataclass
 class StudyOutcome:
@@ -68,12 +74,15 @@ def _fmt_time(seconds: float) -> str:
 
 
 def finished_runs(tracking_uri: str, study: Study, budget: str) -> dict[tuple[str, int], FinishedRun]:
-    """(variant, seed) -> the latest FINISHED run of the study under the budget whose fingerprint is current."""
+    """(variant, seed) -> the latest FINISHED run of the study under the budget whose fingerprint is current, or the
+    latest FAILED one that diverged (logged DIVERGED_METRIC: its NaN loss is the result, re-running would repeat it)."""
     from flowmatch.studies.spec import plan
 
     current = {r.variant.name: r.fingerprint for r in plan(study, budget, seeds=1)}  # the fingerprint does not depend on the seed
     out: dict[tuple[str, int], FinishedRun] = {}
-    for run in search_study_runs(tracking_uri, study, budget):
+    for run in search_study_runs(tracking_uri, study, budget, statuses=("FINISHED", "FAILED")):
+        if run.info.status == "FAILED" and DIVERGED_METRIC not in run.data.metrics:
+            continue
         tags = run.data.tags
         try:
             key = (tags["variant"], int(tags["seed"]))
@@ -88,21 +97,24 @@ def finished_runs(tracking_uri: str, study: Study, budget: str) -> dict[tuple[st
     return out
 
 
-def search_study_runs(tracking_uri: str, study: Study, budget: str) -> list:
+def search_study_runs(tracking_uri: str, study: Study, budget: str, statuses: tuple[str, ...] = ("FINISHED",)) -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(study.experiment)
     if exp is None:
         return []
-    query = f"tags.study = '{study.name}' and tags.budget = '{budget}' and attributes.status = 'FINISHED'"
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], filter_string=query, max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
+    runs = []
+    for status in statuses:
+        query = f"tags.study = '{study.name}' and tags.budget = '{budget}' and attributes.status = '{status}'"
+        token = None
+        while True:
+            page = client.search_runs([exp.experiment_id], filter_string=query, max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                break
+    return runs
 
 
 class StudyRunner:
@@ -156,7 +168,7 @@ class StudyRunner:
     def execute(self, dry_run: bool = False) -> StudyOutcome:
         outcome = StudyOutcome()
         start = time.time()
-        # finished runs: skipped unless --force, and always the source of a reflow step's model (updated as fits finish)
+        # finished runs: skipped unless --force, and always the source of a reflow or latents step's model (updated as fits finish)
         done = finished_runs(self.tracking_uri, self.study, self.budget)
         failed_keys: set[tuple[str, int]] = set()
         for run in self.runs:
@@ -180,8 +192,8 @@ class StudyRunner:
                     self.echo(f"    latents: {shlex.join(self._rel(self.prepare_argv(run, Path('<' + src + ' final.ckpt>'), out)))}{reuse}")
                 self.echo(f"    {shlex.join(self._rel(self.fit_argv(run, self._dep_args_placeholder(run, done))))}")
                 continue
-            if any((d, run.seed) in failed_keys or (d, run.seed) not in done for d in deps):
-                why = f"needs {', '.join(deps)} at seed {run.seed}, which did not finish"
+            if any((d, run.seed) in failed_keys or (d, run.seed) not in done or done[(d, run.seed)].diverged for d in deps):
+                why = f"needs {', '.join(deps)} at seed {run.seed}, which did not finish (or diverged)"
                 self.echo(f"{run.describe()} ... skip: {why}  [elapsed {elapsed}]")
                 outcome.failed.append((run, why))
                 failed_keys.add(run.key)
@@ -192,6 +204,13 @@ class StudyRunner:
                 extra, extra_tags = self._prepare_dependencies(run, done)
                 self._fit(run, extra, extra_tags)
             except StudyRunError as err:
+                found = finished_runs(self.tracking_uri, self.study, self.budget).get(run.key)
+                if found is not None and found.diverged and found.start_time >= t0 * 1000 - 1000:  # this attempt diverged
+                    done[run.key] = found
+                    outcome.ran.append((run, found.run_id))
+                    self.echo(f"    diverged in {time.time() - t0:.0f} s: run {found.run_id}{self._headline(found.metrics)} "
+                              "(a result of the study: kept, not re-run)")
+                    continue
                 self.echo(f"    FAILED: {err}")
                 outcome.failed.append((run, str(err)))
                 failed_keys.add(run.key)
@@ -211,6 +230,8 @@ class StudyRunner:
 
     def _headline(self, metrics: dict[str, float]) -> str:
         parts = [f"{k} {metrics[k]:.4g}" for k in self.headline if k in metrics]
+        if DIVERGED_METRIC in metrics:
+            parts.append(f"loss diverged at step {metrics[DIVERGED_METRIC]:.0f}")
         return f" ({', '.join(parts)})" if parts else ""
 
     def _rel(self, argv: list[str]) -> list[str]:
