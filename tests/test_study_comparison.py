@@ -166,3 +166,27 @@ def test_diverged_runs_are_results_and_crashes_are_not(tmp_path):
     assert "| B | 2 | 1 (77) | 0.500 |" in body and "| A | 2 | 0 | 1.100 ± 0.141 |" in body
     # seed 1: b diverged, so a wins there; seed 0: b wins; means: a 1.1 vs b inf
     assert "- a beats b: ≈" in body and "holds in 1/2 seeds" in body  # holds on the means, not in every seed
+
+
+def test_a_study_keeps_a_diverged_fit_as_its_result(tmp_path, monkeypatch, capsys):
+    """The real CLI: a fit whose loss blows up (lr 1e4) is recorded, reported as diverged, and not re-run."""
+    from flowmatch.cli.main import main as flowmatch_main
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    study_file = tmp_path / "blowup.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "description": "a learning rate far too high", "experiment": "blowup", "base": str(repo / "experiments" / "toy2d_rf.yaml"),
+        "overrides": {"trainer.max_steps": 30, "trainer.callbacks": None},
+        "variants": {"hot": {"label": "lr 1e4", "overrides": {"model.init_args.lr": 10000.0}}},
+        "budgets": {"small": {"seeds": 1}},
+        "report": {"kind": "comparison", "columns": [{"metric": "val/loss", "label": "validation loss"}]}}))
+    argv = ["study", str(study_file), "--budget", "small", "--tracking_uri", f"sqlite:///{tmp_path / 'm.db'}",
+            "--out", str(tmp_path / "results"), "--workdir", str(tmp_path / "w"), "--threads", "1"]
+    assert flowmatch_main(argv) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "diverged in" in out and "loss diverged at step" in out and "1 ran, 0 already done, 0 failed" in out
+    assert "| lr 1e4 | 1 | 1 (" in (tmp_path / "results.md").read_text()
+    assert flowmatch_main(argv + ["--no-report"]) == 0
+    assert "skip: finished run" in capsys.readouterr().out
