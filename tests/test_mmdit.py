@@ -231,7 +231,18 @@ def test_three_sets_second_stream_from_the_first_streams_tokens():
         other = net(z, t, {**cond, "tokens_2": torch.randn(2, 7, 20)})
     assert torch.equal(implicit, explicit) and not torch.allclose(implicit, other)
     null = net.null_condition(cond)
-    assert set(null) >= {"tokens", "tokens_2", "mask", "mask_2"} and bool(null["mask_2"].all())
+    assert set(null) == set(cond) and bool(null["mask"].all()) and not null["tokens"].any()  # same keys: guidance batches both
+    with torch.no_grad():
+        explicit_null = net.null_condition({**cond, "tokens_2": cond["tokens"], "mask_2": cond["mask"]})
+        assert torch.equal(net(z, t, null), net(z, t, explicit_null))
+    from flowmatch.objectives import RectifiedFlow
+    from flowmatch.sampling.sampler import SamplerConfig
+
+    model = RectifiedFlow(network=net)  # guided sampling batches cond and its null: they must have the same keys
+    x, nfe = model.generate(2, SamplerConfig(steps=2, guidance=1.5), cond=cond, noise=torch.randn(2, 4, 8, 8))
+    assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all() and nfe == 2
+    with pytest.raises(ValueError, match="learned_null is not supported"):
+        MMDiT(**TINY, context_dim_2=20, tokens_2_source="tokens", learned_null=True)
     with pytest.raises(ValueError, match="only the 3-sets variant"):
         MMDiT(**TINY, tokens_2_source="tokens")
     with pytest.raises(ValueError, match="tokens_2_source must be None"):

@@ -188,6 +188,9 @@ class MMDiT(nn.Module):
                 raise ValueError(f"{name} must be a positive number of tokens or None (no limit), got {value}")
         if tokens_2_source is not None and context_dim_2 is None:
             raise ValueError("tokens_2_source feeds the second token stream, which only the 3-sets variant (context_dim_2) has")
+        if tokens_2_source is not None and learned_null:
+            raise ValueError("tokens_2_source derives the second stream's null from the first's, so both must be zeros: "
+                             "learned_null is not supported with it")
         if tokens_2_source not in (None, "tokens"):
             raise ValueError(f"tokens_2_source must be None (read cond['tokens_2']) or 'tokens', got {tokens_2_source!r}")
         if max_text_tokens_2 is not None and context_dim_2 is None:
@@ -246,7 +249,9 @@ class MMDiT(nn.Module):
         return require_keys(cond, ("pooled", *self.token_keys), type(self).__name__)
 
     def null_condition(self, cond: dict) -> dict:
-        """The unconditional counterpart of cond: null pooled vector and null tokens (same shapes), masks all True."""
+        """The unconditional counterpart of cond: null pooled vector and null tokens (same shapes), masks all True.
+        Same keys as cond: a second stream derived from cond["tokens"] (tokens_2_source) is derived again from the null."""
+        derived = self.tokens_2_source is not None and isinstance(cond, dict) and "tokens_2" not in cond
         cond = self._check_cond(cond)
         out = dict(cond)
         out["pooled"] = self.pooled_dropout.null_like(cond["pooled"])
@@ -254,6 +259,9 @@ class MMDiT(nn.Module):
             out[key] = dropout.null_like(cond[key])
             if cond.get(mask_key) is not None:
                 out[mask_key] = torch.ones_like(cond[mask_key])
+        if derived:  # zeros either way (learned nulls are refused with tokens_2_source)
+            out.pop("tokens_2")
+            out.pop("mask_2", None)
         return out
 
     def drop_condition(self, cond: dict) -> dict:
