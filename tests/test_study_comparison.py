@@ -18,7 +18,7 @@ def _study(tmp_path: Path, report: dict):
     path.write_text(yaml.safe_dump({
         "description": "a comparison", "experiment": "x", "base": str(Path(__file__).resolve().parents[1] / "experiments" / "toy2d_rf.yaml"),
         "variants": {"a": {"label": "A"}, "b": {"label": "B"}, "ae": {"label": "AE"}},
-        "budgets": {"small": {"seeds": 3}}, "report": report}))
+        "budgets": {"small": {"seeds": 3}, "medium": {"seeds": 1}}, "report": report}))
     return load_study(str(path))
 
 
@@ -190,3 +190,27 @@ def test_a_study_keeps_a_diverged_fit_as_its_result(tmp_path, monkeypatch, capsy
     assert "| lr 1e4 | 1 | 1 (" in (tmp_path / "results.md").read_text()
     assert flowmatch_main(argv + ["--no-report"]) == 0
     assert "skip: finished run" in capsys.readouterr().out
+
+
+def test_a_larger_budget_gets_its_own_section_and_plots(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flowmatch.studies import plan
+    from flowmatch.studies.results import write_results
+
+    study = _study(tmp_path, {"kind": "comparison", "title": "Cmp", "columns": [{"metric": "val/fd", "label": "FD"}]})
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x")
+    for budget in ("small", "medium"):
+        fp = plan(study, budget, seeds=1)[0].fingerprint
+        r = client.create_run(exp, tags={"study": "cmp", "variant": "a", "seed": "0", "budget": budget, "study_fingerprint": fp})
+        client.log_metric(r.info.run_id, "val/fd", 1.0 if budget == "small" else 2.0)
+        client.set_terminated(r.info.run_id)
+    out = tmp_path / "docs" / "results"
+    write_results(study, "small", uri, out)
+    md, pngs = write_results(study, "medium", uri, out)
+    text = md.read_text()
+    assert "<!-- study:cmp begin -->" in text and "<!-- study:cmp_medium begin -->" in text and "## Cmp (budget medium)" in text
+    assert [p.name for p in pngs] == ["cmp_medium_final.png"] and (out / "cmp_final.png").is_file()
+    assert "--budget medium --report-only" in text

@@ -32,6 +32,7 @@ differences is marked ≈ (not resolved). The verdict is "agrees" when every cla
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -790,7 +791,7 @@ def render_section(study: Study, budget: str, runs: dict, sec: Section, tracking
     seeds = sorted({s for _, s in runs})
     seconds = [r.seconds for r in runs.values() if r.seconds]
     commits = sorted({r.commit[:12] + ("-dirty" if r.commit.endswith("-dirty") else "") for r in runs.values() if r.commit})
-    title = study.report.get("title", study.name)
+    title = study.report.get("title", study.name) + ("" if budget == "small" else f" (budget {budget})")
     parts = [f"<!-- study:{study.name} begin -->", f"## {title}", "",
              study.description, "",
              f"Budget `{budget}`: {len(runs)} finished runs of {_n(len({v for v, _ in runs}), 'variant')} at "
@@ -821,7 +822,8 @@ def replace_section(text: str, name: str, section: str) -> str:
 
 
 def write_results(study: Study, budget: str, tracking_uri: str, out: str | Path = "docs/results", command: str | None = None) -> tuple[Path, list[Path]]:
-    """Write (or replace) the study's section of OUT.md and its plots OUT/<study>_*.png; returns (OUT.md, the plots)."""
+    """Write (or replace) the study's section of OUT.md and its plots OUT/<study>_*.png (budgets other than small:
+    section and plots named <study>_<budget>); returns (OUT.md, the plots)."""
     out_dir = Path(out)
     md = out_dir.with_suffix(".md")
     runs = collect(study, budget, tracking_uri, _history_keys(study))
@@ -829,10 +831,13 @@ def write_results(study: Study, budget: str, tracking_uri: str, out: str | Path 
     if kind not in ANALYSES:
         raise ResultsError(f"{study.path}: report.kind must be one of {', '.join(ANALYSES)}, got {kind!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sec = ANALYSES[kind](study, runs, out_dir, out_dir.name)
-    section = render_section(study, budget, runs, sec, tracking_uri, command or f"python -m flowmatch study {study.name} --budget {budget} --report-only")
+    command = command or f"python -m flowmatch study {study.name} --budget {budget} --report-only"
+    # the small budget (this machine's) is the study's main section; larger budgets get their own section and plots
+    shown = study if budget == "small" else dataclasses.replace(study, name=f"{study.name}_{budget}")
+    sec = ANALYSES[kind](shown, runs, out_dir, out_dir.name)
+    section = render_section(shown, budget, runs, sec, tracking_uri, command)
     text = md.read_text(encoding="utf-8") if md.is_file() else ""
-    md.write_text(with_summary(replace_section(text, study.name, section)), encoding="utf-8")
+    md.write_text(with_summary(replace_section(text, shown.name, section)), encoding="utf-8")
     return md, sec.pngs
 
 
