@@ -198,7 +198,8 @@ def test_a_larger_budget_gets_its_own_section_and_plots(tmp_path):
     from flowmatch.studies import plan
     from flowmatch.studies.results import write_results
 
-    study = _study(tmp_path, {"kind": "comparison", "title": "Cmp", "columns": [{"metric": "val/fd", "label": "FD"}]})
+    study = _study(tmp_path, {"kind": "comparison", "title": "Cmp", "columns": [{"metric": "val/fd", "label": "FD"}],
+                              "discussion": {"small": "CPU runs say this.", "medium": "GPU runs say that."}})
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("x")
@@ -214,3 +215,5 @@ def test_a_larger_budget_gets_its_own_section_and_plots(tmp_path):
     assert "<!-- study:cmp begin -->" in text and "<!-- study:cmp_medium begin -->" in text and "## Cmp (budget medium)" in text
     assert [p.name for p in pngs] == ["cmp_medium_final.png"] and (out / "cmp_final.png").is_file()
     assert "--budget medium --report-only" in text
+    small, medium = text.split("<!-- study:cmp_medium begin -->")
+    assert "CPU runs say this." in small and "GPU runs say that." not in small and "GPU runs say that." in medium

@@ -27,7 +27,7 @@ The study file's ``report`` chooses the analysis:
 that holds on the means while a gap is narrower than 2 standard errors of the seed-paired
 differences is marked ≈ (not resolved). The verdict is "agrees" when every claim holds clearly,
 "does not agree" when none holds even on the means, else "agrees in part".
-``report.discussion`` (optional, hand-written) is printed under the verdict.
+``report.discussion`` (optional, hand-written; a text, or a mapping budget -> text) is printed under the verdict.
 """
 
 from __future__ import annotations
@@ -802,7 +802,10 @@ def render_section(study: Study, budget: str, runs: dict, sec: Section, tracking
     if commits:
         parts += [f"Code (git commit of the runs): {', '.join(commits)}.", ""]
     parts += sec.body
-    discussion = str(study.report.get("discussion", "")).strip()
+    discussion = study.report.get("discussion", "")
+    if isinstance(discussion, dict):  # one text per budget: its runs differ
+        discussion = discussion.get(budget, "")
+    discussion = str(discussion or "").strip()
     if discussion:
         parts += ["", "Why, at this scale (hand-written for the runs below, in the study file): " + discussion]
     parts += ["", f"<details><summary>The {len(runs)} MLflow runs behind these numbers</summary>", "", run_table(study, runs), "", "</details>",
