@@ -366,3 +366,48 @@ def test_image_callbacks_evaluate_k_rf_and_students_against_the_real_held_out_di
     # the conditions of the straightness paths are the val split's, cycled to num_samples
     cond = straight._text_cond["val"]
     assert cond["tokens"].shape[0] == 10 and torch.equal(cond["pooled"][:4], real["cond"]["pooled"]) and torch.equal(cond["pooled"][4:8], cond["pooled"][:4])
+
+
+# ---------------------------------------------------------------------------------------------
+# The study on the demo digits: its reflow options and overrides are real flags and arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_digit_reflow_study_passes_real_options_at_every_budget():
+    import inspect
+    import yaml
+
+    from flowmatch.cli.reflow import build_parser
+    from flowmatch.studies import load_study, plan
+    from flowmatch.studies.runner import StudyRunner
+
+    study = load_study("reflow_digits")
+    assert [v.name for v in study.variants] == ["rf1", "rf2", "rf1_distilled", "rf2_distilled", "rf3"]
+    accepted = {
+        "model.init_args.network.init_args": set(inspect.signature(MMDiT).parameters),
+        "data.init_args": set(inspect.signature(LatentShardDataModule).parameters) & set(inspect.signature(CouplingDataModule).parameters),
+        "trainer": set(inspect.signature(L.Trainer).parameters),
+    }
+    for budget in ("small", "medium", "large"):
+        runs = plan(study, budget, seeds=1)
+        runner = StudyRunner(study, runs, "sqlite:///unused.db")
+        for run in runs:
+            for key in run.overrides:
+                prefix, _, name = key.rpartition(".")
+                assert name in accepted.get(prefix, ()), f"{budget}: override {key} is not an argument of {prefix}"
+            if run.variant.couplings_from:
+                argv = runner.reflow_argv(run, Path("rf.ckpt"), Path("out"))
+                args = build_parser().parse_args(argv[4:])  # after `python -m flowmatch reflow`
+                assert args.guidance == 1.0 and args.solver == "euler" and args.num_pairs >= 4000
+    # every report column is a metric the variants' callbacks log
+    configs = {v.config for v in study.variants}
+    callbacks = (Path(study.path).parents[2] / "configs/callbacks/demo_digits_reflow.yaml").read_text()
+    distill = yaml.safe_load((Path(study.path).parent / "../digits_distill.yaml").read_text())
+    assert "../digits_distill.yaml" in configs and "euler1" in str(distill["trainer"]["callbacks"])
+    for col in study.report["columns"]:
+        name = col["metric"].removeprefix("val/")
+        if name.startswith(("fd_ratio_", "caption_acc_")):
+            solver = name.split("_", 2)[-1].replace("_cfg1p5", ":cfg=1.5")  # fd_ratio_euler1_cfg1p5 -> euler1:cfg=1.5
+            assert (f'"{solver}"' if ":" in solver else solver) in callbacks, col
+        else:
+            assert name == "straightness" and "Straightness" in callbacks
