@@ -696,6 +696,7 @@ def comparison_section(study: Study, runs: dict, out_dir: Path, rel: str) -> Sec
 def _comparison_plots(study, runs, variants, columns, curves, out_dir: Path) -> list[Path]:
     plt = pyplot()
     out = []
+    columns = [c for c in columns if any(_values(runs, v, c["metric"]) for v in variants)]  # none of these runs log the others
     sweep = study.report.get("sweep")
     if columns and sweep:  # each column against the swept setting, a line per series
         fig, axes = plt.subplots(1, len(columns), figsize=(4.6 * len(columns), 3.9), squeeze=False)
@@ -723,27 +724,28 @@ def _comparison_plots(study, runs, variants, columns, curves, out_dir: Path) -> 
         save_figure(fig, p)
         out.append(p)
     elif columns:  # bars per column
-        fig, axes = plt.subplots(1, len(columns), figsize=(max(3.2, 0.9 * len(variants) + 1.2) * len(columns), 4.0), squeeze=False)
+        fig, axes = plt.subplots(1, len(columns), figsize=(max(7.0, max(4.0, 0.9 * len(variants) + 1.6) * len(columns)), 4.2), squeeze=False)
         for ax, col in zip(axes[0], columns):
             have = [v for v in variants if _values(runs, v, col["metric"])]
-            ms = [mean_std(_values(runs, v, col["metric"])) for v in have]
-            ax.bar(range(len(have)), [m for m, _ in ms], yerr=[0 if math.isnan(sd) else sd for _, sd in ms], capsize=3,
-                   color=[series_color(variants.index(v)) for v in have], alpha=0.8)
-            for j, v in enumerate(have):
+            for j, v in enumerate(have):  # mean ± std as a marker with error bars (no zero baseline: small gaps stay visible)
                 vals = _values(runs, v, col["metric"])
-                ax.scatter([j] * len(vals), vals, color="black", s=8, zorder=3)
+                m, sd = mean_std(vals)
+                ax.errorbar([j], [m], yerr=[0 if math.isnan(sd) else sd], color=series_color(variants.index(v)), marker="o",
+                            markersize=8, capsize=4)
+                ax.scatter([j + 0.12] * len(vals), vals, color="black", s=8, zorder=3)
+            ax.set_xlim(-0.5, len(have) - 0.5)
             ax.set_xticks(range(len(have)), [_label(study, v) for v in have], rotation=30, ha="right", fontsize=8)
             if col.get("log_y"):
                 ax.set_yscale("log")
             ax.set_title(f"{col['label']} ({'higher' if col.get('higher') else 'lower'} is better)", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-        fig.suptitle(f"{study.name}: final values, mean ± std over seeds (dots: seeds)")
+        fig.suptitle(f"{study.name}: final values, mean ± std over seeds (small dots: seeds)")
         fig.tight_layout()
         p = out_dir / f"{study.name}_final.png"
         save_figure(fig, p)
         out.append(p)
     if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(4.8 * len(curves), 4.0), squeeze=False)
+        fig, axes = plt.subplots(1, len(curves), figsize=(max(7.0, 4.8 * len(curves)), 4.2), squeeze=False)
         for ax, key in zip(axes[0], curves):
             for i, v in enumerate(variants):
                 _band(ax, runs, v, key, series_color(i), _label(study, v))
