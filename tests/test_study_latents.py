@@ -33,7 +33,9 @@ def test_the_latent_channels_study_plans_each_generator_after_its_autoencoder():
         gen = study.variant(f"gen_d{d}")
         assert gen.latents_from == f"ae_d{d}" and gen.depends_on == [f"ae_d{d}"]
         assert gen.overrides["model.init_args.network.init_args.in_channels"] == d
-        assert study.variant(f"ae_d{d}").latents_from is None
+        assert gen.overrides["model.init_args.network.init_args.patch_size"] == 1  # d x 4 x 4 latents: 16 tokens
+        ae = study.variant(f"ae_d{d}")
+        assert ae.latents_from is None and ae.overrides["model.init_args.downsample"] == 8  # SD3's downsampling
     runs = plan(study, "small")
     assert len({r.seed for r in runs}) >= 2 and all(r.config_path.is_file() for r in runs)
     gen4 = next(r for r in runs if r.variant.name == "gen_d4")
