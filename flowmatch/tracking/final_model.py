@@ -46,7 +46,10 @@ class LogFinalModel(L.Callback):
                 shutil.rmtree(path)
             else:
                 ckpt = read_checkpoint(path)
-            ckpt = {k: v for k, v in ckpt.items() if k in FINAL_KEYS}
+            # and the data module's own state (Lightning keys it by class name): e.g. which k-th rectified flow reflow couplings made
+            dm = getattr(trainer, "datamodule", None)
+            keep = FINAL_KEYS + ((type(dm).__qualname__,) if dm is not None else ())
+            ckpt = {k: v for k, v in ckpt.items() if k in keep}
             ckpt["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
             atomic_torch_save(ckpt, path)
             for logger in loggers:
