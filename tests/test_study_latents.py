@@ -171,3 +171,15 @@ def test_a_generator_trains_on_the_latents_of_the_studys_autoencoder(tmp_path, m
     assert flowmatch_main(argv + ["--variants", "gen", "--force", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"--out {latents.relative_to(tmp_path)} --autoencoder '<ae final.ckpt>' --progress false --limit 120 --shard_size 64 (exists: reused)" in out, out
+
+    # the autoencoder fitted again: the generator's finished run is out of date (built from the old autoencoder run)
+    assert flowmatch_main(argv + ["--variants", "ae", "--force"]) == 0
+    capsys.readouterr()
+    new_ae = next(r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]) if r.data.tags["variant"] == "ae")
+    assert new_ae.info.run_id != ae.info.run_id
+    assert flowmatch_main(argv + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"[1/2] tiny_latents ae seed 0 ... skip: finished run {new_ae.info.run_id}" in out
+    assert (f"[2/2] tiny_latents gen seed 0 ... out of date: finished run {gen.info.run_id} was built from ae run "
+            f"{ae.info.run_id[:12]}, not the current {new_ae.info.run_id[:12]}\n[2/2] tiny_latents gen seed 0 ... would run\n") in out, out
+    assert f"latents/ae_seed0_{new_ae.info.run_id[:12]}_" in out  # new latents, from the new autoencoder run

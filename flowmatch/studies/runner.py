@@ -19,6 +19,10 @@ into ``WORKDIR/<study>/<budget>/latents/<V>_seed<k>_<run id>`` (once: reused whe
 the manifest names the checkpoint, so training and evaluation decode through the same autoencoder) and
 trains on them (``--data.init_args.data_dir DIR --data.init_args.prepare_source null``: never the demo's
 own shards). The run is tagged ``latents_from_run``.
+
+A finished run built from another variant's run (tags ``couplings_from_run``, ``init_from_run``,
+``latents_from_run``) is out of date, and runs again, when that variant's current run at the same seed is
+another one (e.g. the autoencoder was fitted again after its config changed).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from flowmatch.objectives.base import DIVERGED_METRIC
 from flowmatch.studies.spec import PlannedRun, Study, cli_value
 
 FINAL_MODEL_ARTIFACT = "model/final.ckpt"
+#: the tag in which a run records the run of each variant it was built from (couplings, weights, latents)
+SOURCE_TAGS = {"couplings_from": "couplings_from_run", "init_from": "init_from_run", "latents_from": "latents_from_run"}
 
 
 @dataclass
@@ -49,6 +55,7 @@ class FinishedRun:
     start_time: int
     end_time: int | None
     metrics: dict[str, float]
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float | None:
@@ -91,7 +98,8 @@ def finished_runs(tracking_uri: str, study: Study, budget: str) -> dict[tuple[st
         fp = tags.get("study_fingerprint", "")
         if current.get(key[0]) != fp:
             continue
-        found = FinishedRun(run.info.run_id, key[0], key[1], fp, run.info.start_time, run.info.end_time, dict(run.data.metrics))
+        found = FinishedRun(run.info.run_id, key[0], key[1], fp, run.info.start_time, run.info.end_time, dict(run.data.metrics),
+                            dict(tags))
         if key not in out or found.start_time > out[key].start_time:
             out[key] = found
     return out
@@ -174,6 +182,10 @@ class StudyRunner:
         for run in self.runs:
             elapsed = _fmt_time(time.time() - start)
             prev = None if self.force else done.get(run.key)
+            stale = self._stale_sources(run, prev, done) if prev is not None else []
+            if stale:
+                self.echo(f"{run.describe()} ... out of date: finished run {prev.run_id} was built from {'; '.join(stale)}")
+                prev = None
             if prev is not None:
                 self.echo(f"{run.describe()} ... skip: finished run {prev.run_id}{self._headline(prev.metrics)}  [elapsed {elapsed}]")
                 outcome.skipped.append((run, prev.run_id))
@@ -227,6 +239,19 @@ class StudyRunner:
             self.echo(f"    done in {time.time() - t0:.0f} s: run {found.run_id}{self._headline(found.metrics)}")
         outcome.seconds = time.time() - start
         return outcome
+
+    @staticmethod
+    def _stale_sources(run: PlannedRun, prev: FinishedRun, done: dict[tuple[str, int], FinishedRun]) -> list[str]:
+        """The sources (couplings, weights, latents) of a finished run that are no longer the current runs of their
+        variants (e.g. its autoencoder variant was fitted again): then the run is out of date too."""
+        out = []
+        for attr, tag in SOURCE_TAGS.items():
+            dep = getattr(run.variant, attr)
+            current = done.get((dep, run.seed)) if dep else None
+            used = prev.tags.get(tag)
+            if current is not None and used and used != current.run_id:
+                out.append(f"{dep} run {used[:12]}, not the current {current.run_id[:12]}")
+        return out
 
     def _headline(self, metrics: dict[str, float]) -> str:
         parts = [f"{k} {metrics[k]:.4g}" for k in self.headline if k in metrics]
