@@ -519,7 +519,10 @@ def _append_claims(sec: "Section", rep: dict, runs: dict, seeds: list[int], defa
         checks.append(ok)
         lines.append(f"- {claim.get('text', claim)}: {_mark(ok)} ({detail})")
     sec.body.append("\nThe paper's claims, checked on the means over seeds (and per seed) (✓ holds, ≈ holds on the means but a gap is within 2 standard errors of the seed-paired differences, ✗ does not hold):\n\n" + "\n".join(lines))
-    sec.body.append(f"\n{verdict(checks, rep.get('paper_name', default_paper))}. {_n(len(seeds), 'seed')}.")
+    per_variant = [sum(1 for (v, _) in runs if v == name) for name in {v for v, _ in runs}]
+    seeds_text = _n(len(seeds), "seed") if min(per_variant, default=0) == max(per_variant, default=0) else \
+        f"{min(per_variant)}-{max(per_variant)} seeds per variant"
+    sec.body.append(f"\n{verdict(checks, rep.get('paper_name', default_paper))}. {seeds_text}.")
 
 
 def _band(ax, runs, variant, metric, color, label):
