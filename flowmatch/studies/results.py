@@ -547,20 +547,7 @@ def _training_plots(study, runs, variants, samplers, out_dir: Path) -> list[Path
     curves = [m for m in study.report.get("curves", []) if any(m in r.history for r in runs.values())]
     keys = curves + (["val/loss"] if any("val/loss" in r.history for r in runs.values()) else [])
     if keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 4.0), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            for i, v in enumerate(variants):
-                _band(ax, runs, v, key, series_color(i), _label(study, v))
-            ax.set_xlabel("training steps")
-            ax.set_title(key + (" (own objective's loss)" if key == "val/loss" else ""))
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=8)
-        fig.suptitle(f"{study.name}: over training, mean ± std over seeds")
-        fig.tight_layout()
-        p = out_dir / f"{study.name}_training.png"
-        save_figure(fig, p)
-        out.append(p)
+        out.append(_curves_figure(study, runs, variants, keys, out_dir))
     if samplers:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for i, v in enumerate(variants):
@@ -705,13 +692,13 @@ def _comparison_plots(study, runs, variants, columns, curves, out_dir: Path) -> 
         fig, axes = plt.subplots(1, len(columns), figsize=(4.6 * len(columns), 3.9), squeeze=False)
         for ax, col in zip(axes[0], columns):
             for i, (name, members) in enumerate(sweep.get("series", {}).items()):
-                pts = sorted((float(x), mean_std(_values(runs, v, col["metric"]))) for v, x in members.items() if _values(runs, v, col["metric"]))
+                vals = {float(x): _values(runs, v, col["metric"]) for v, x in members.items()}
+                pts = sorted((x, mean_std(vs)) for x, vs in vals.items() if vs)
                 if pts:
                     ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[0 if math.isnan(p[1][1]) else p[1][1] for p in pts],
                                 color=series_color(i), marker="o", capsize=3, label=name)
-                    for v, x in members.items():  # every seed as a dot
-                        vals = _values(runs, v, col["metric"])
-                        ax.scatter([float(x)] * len(vals), vals, color=series_color(i), s=8, alpha=0.5)
+                    for x, vs in vals.items():  # every seed as a dot
+                        ax.scatter([x] * len(vs), vs, color=series_color(i), s=8, alpha=0.5)
             if sweep.get("log_x", True):
                 ax.set_xscale("log")
             if col.get("log_y"):
@@ -748,22 +735,28 @@ def _comparison_plots(study, runs, variants, columns, curves, out_dir: Path) -> 
         save_figure(fig, p)
         out.append(p)
     if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(max(7.0, 4.8 * len(curves)), 4.2), squeeze=False)
-        for ax, key in zip(axes[0], curves):
-            for i, v in enumerate(variants):
-                _band(ax, runs, v, key, series_color(i), _label(study, v))
-            ax.set_xlabel("training steps")
-            ax.set_title(key)
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3, which="both")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-        fig.suptitle(f"{study.name}: over training, mean ± std over seeds")
-        fig.tight_layout()
-        p = out_dir / f"{study.name}_training.png"
-        save_figure(fig, p)
-        out.append(p)
+        out.append(_curves_figure(study, runs, variants, curves, out_dir))
     return out
+
+
+def _curves_figure(study, runs, variants, keys, out_dir: Path) -> Path:
+    """<study>_training.png: one panel per metric over training, a mean ± std band per variant."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(7.0, 4.8 * len(keys)), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for i, v in enumerate(variants):
+            _band(ax, runs, v, key, series_color(i), _label(study, v))
+        ax.set_xlabel("training steps")
+        ax.set_title(key + (" (own objective's loss)" if key == "val/loss" and study.report.get("kind") == "training" else ""))
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{study.name}: over training, mean ± std over seeds")
+    fig.tight_layout()
+    p = out_dir / f"{study.name}_training.png"
+    save_figure(fig, p)
+    return p
 
 
 ANALYSES = {"ranking": ranking_section, "training": training_section, "reflow": reflow_section, "comparison": comparison_section}
