@@ -9,16 +9,16 @@ Fixed config (the same for every model):
     hits all models alike); the table gives the median wall time over all timed steps, and the median
     CPU time of the process per step (less sensitive to other jobs on a shared machine).
 Models:
-    DiT-S/2                      flowmatch DiT (12 blocks, hidden 384, 6 heads), conditioned on the pooled vector
-    MM-DiT d4 (flowmatch)        flowmatch MMDiT, depth 4, hidden 256, 4 heads (head dim 64), no QK-norm
-    MM-DiT d4 (diffusers)        diffusers.SD3Transformer2DModel at the identical config (only if diffusers is installed)
+    DiT-S/2                        flowmatch DiT (12 blocks, hidden 384, 6 heads), conditioned on the pooled vector
+    MM-DiT depth 4 (flowmatch)     flowmatch MMDiT, depth 4, hidden 256, 4 heads (head dim 64), no QK-norm
+    MM-DiT depth 4 (diffusers)     diffusers.SD3Transformer2DModel at the identical config (only if diffusers is installed)
 Peak memory: every model runs in its own fresh subprocess; the column is ru_maxrss at the end minus
 ru_maxrss just before the model is built (torch / diffusers imports and the inputs excluded), i.e. the
 peak resident memory the parameters, gradients and activations of a training step added (median over
 rounds).
 
     python benchmarks/bench_backbones.py                 # all models, table on stdout
-    python benchmarks/bench_backbones.py --rounds 3 --steps 10 --threads 2 --models mmdit_d4 sd3_d4
+    python benchmarks/bench_backbones.py --rounds 3 --steps 10 --threads 2 --models mmdit_depth4 sd3_depth4
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ WARMUP, STEPS, ROUNDS = 2, 5, 2
 
 MODELS = {
     "dit_s2": "DiT-S/2 (flowmatch)",
-    "mmdit_d4": "MM-DiT d4 (flowmatch)",
-    "sd3_d4": "MM-DiT d4 (diffusers SD3Transformer2DModel)",
+    "mmdit_depth4": "MM-DiT depth 4 (flowmatch)",
+    "sd3_depth4": "MM-DiT depth 4 (diffusers SD3Transformer2DModel)",
 }
 
 
@@ -55,13 +55,13 @@ def _build(name: str):
 
         net = DiT(size="S", patch_size=PATCH, in_channels=CHANNELS, input_size=SIDE, pooled_dim=POOLED_DIM, cond_drop_prob=0.0)
         return net, lambda z, t, tokens, pooled: net(z, t, pooled)
-    if name == "mmdit_d4":
+    if name == "mmdit_depth4":
         from flowmatch.networks.mmdit import MMDiT
 
         net = MMDiT(depth=MMDIT_DEPTH, hidden_size=MMDIT_HIDDEN, num_heads=MMDIT_HEADS, in_channels=CHANNELS, patch_size=PATCH,
                     pooled_dim=POOLED_DIM, context_dim=TEXT_DIM, pos_embed_max_size=SIDE // PATCH, cond_drop_prob=0.0)
         return net, lambda z, t, tokens, pooled: net(z, t, {"pooled": pooled, "tokens": tokens})
-    if name == "sd3_d4":
+    if name == "sd3_depth4":
         from diffusers import SD3Transformer2DModel
 
         net = SD3Transformer2DModel(
@@ -81,7 +81,7 @@ def worker(name: str, threads: int, warmup: int, steps: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    if name == "sd3_d4":
+    if name == "sd3_depth4":
         import diffusers  # noqa: F401  (import cost kept out of the memory window)
     import flowmatch.networks.dit  # noqa: F401
     import flowmatch.networks.mmdit  # noqa: F401
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args.worker, args.threads, args.warmup, args.steps)))
         return
 
-    models = [m for m in args.models if m != "sd3_d4" or _have_diffusers()]
+    models = [m for m in args.models if m != "sd3_depth4" or _have_diffusers()]
     skipped = sorted(set(args.models) - set(models))
     print(f"config: batch {BATCH}, latents {CHANNELS}x{SIDE}x{SIDE} (patch {PATCH}: {(SIDE // PATCH) ** 2} image tokens), "
           f"{TEXT_TOKENS} text tokens of dim {TEXT_DIM}, pooled {POOLED_DIM}; float32, fwd+bwd, "
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     if skipped:
         print(f"skipped (diffusers not installed): {', '.join(skipped)}")
     by = {r["name"]: r for r in rows}
-    if "mmdit_d4" in by and "sd3_d4" in by:
-        a, b = by["mmdit_d4"], by["sd3_d4"]
+    if "mmdit_depth4" in by and "sd3_depth4" in by:
+        a, b = by["mmdit_depth4"], by["sd3_depth4"]
         print(f"flowmatch / diffusers MM-DiT d4: wall time {a['ms_median'] / b['ms_median']:.2f}x, CPU time "
               f"{a['cpu_median'] / b['cpu_median']:.2f}x, peak memory {a['peak_mb'] / b['peak_mb']:.2f}x")
 

@@ -95,6 +95,7 @@ def main() -> None:
     from flowmatch.data.shards import LatentShardDataModule
 
     dm = LatentShardDataModule(data_dir=args.data, prepare_source="demo", batch_size=args.batch_size, num_workers=0)
+    dm.prepare_data()  # writes the demo shards on first use
     loader = dm.dataloader("train", rank=0, world_size=1, num_workers=0)
     loader.steps = 10
     batches = [dm.on_before_batch_transfer(b, 0) for b in loader]

@@ -3,7 +3,7 @@
 Measures the whole pipeline of `python -m flowmatch sample`: the ODE solve (with and without
 classifier-free guidance, which runs the conditional and unconditional halves as one doubled batch),
 in float32 and under bf16 autocast, and the decoding of the latents to images. The network is the
-main job's (configs/model/mmdit_d4.yaml) with random weights, or a trained checkpoint (--ckpt); the
+main job's (configs/model/mmdit_depth4.yaml) with random weights, or a trained checkpoint (--ckpt); the
 speed does not depend on the weights. Run from the repository root:
 
     python benchmarks/bench_sampling.py
@@ -27,7 +27,7 @@ def build_model(ckpt: str | None, network_config: str):
     from flowmatch.objectives import RectifiedFlow
 
     if ckpt:
-        from flowmatch.checkpoints import load_objective
+        from flowmatch.objectives.loading import load_objective
 
         return load_objective(ckpt, map_location="cpu", weights="auto")
     from flowmatch.networks.mmdit import MMDiT
@@ -65,7 +65,7 @@ def rate(model, cond: dict, batch: int, steps: int, guidance: float, bf16: bool,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="a trained checkpoint (default: the main job's network, random weights)")
-    p.add_argument("--network", default=str(ROOT / "configs/model/mmdit_d4.yaml"), help="network config when no --ckpt")
+    p.add_argument("--network", default=str(ROOT / "configs/model/mmdit_depth4.yaml"), help="network config when no --ckpt")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=1.5, help="the guided rows' scale (the main job evaluates 1.5; the speed does not depend on it)")

@@ -7,7 +7,7 @@
 #
 #   bash benchmarks/gpu_smoke.sh                          # 1 GPU, MM-DiT d16 (~600M), batch 32 of 16x32x32 latents, 300 steps
 #   bash benchmarks/gpu_smoke.sh --devices 8 --steps 500  # all GPUs of a node
-#   bash benchmarks/gpu_smoke.sh --model configs/model/mmdit_d24.yaml --batch 16
+#   bash benchmarks/gpu_smoke.sh --model configs/model/mmdit_depth24.yaml --batch 16
 #   bash benchmarks/gpu_smoke.sh --cpu-dry-run            # no GPU: the same path on CPU, tiny model, a few steps
 #
 # Status: UNMEASURED on a GPU. Written and dry-run on CPU only (--cpu-dry-run); no GPU numbers exist yet.
@@ -17,7 +17,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STEPS=300
-MODEL="configs/model/mmdit_d16.yaml"
+MODEL="configs/model/mmdit_depth16.yaml"
 BATCH=32
 LATENT=32          # latent side: 32 = 256 px images through an 8x autoencoder
 TOKENS=32
@@ -45,7 +45,7 @@ done
 ACCEL=gpu
 if [[ "$DRY" == 1 ]]; then
   # the same command on CPU processes: tiny MM-DiT, tiny latents, a few steps (checks the path, measures nothing)
-  ACCEL=cpu; STEPS=4; MODEL="configs/model/mmdit_d2.yaml"; BATCH=2; LATENT=8; TOKENS=8; WARMUP=1
+  ACCEL=cpu; STEPS=4; MODEL="configs/model/mmdit_depth2.yaml"; BATCH=2; LATENT=8; TOKENS=8; WARMUP=1
   DEVICES="${DEVICES_DRY:-1}"
 else
   if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

@@ -136,4 +136,4 @@ def test_prepare_with_a_diffusers_vae_takes_its_normalisation(tmp_path):
     from flowmatch.data.shard_format import ShardFormatError
 
     with pytest.raises(ShardFormatError, match="no text encodings and name no encoders"):  # written without text: say so
-        LatentShardDataModule(data_dir=str(tmp_path / "set"), num_workers=0)
+        LatentShardDataModule(data_dir=str(tmp_path / "set"), num_workers=0).setup("fit")

@@ -1,22 +1,22 @@
 """Every configs/model/*.yaml parses through jsonargparse into its class, the way experiments use it.
 
 An experiment names a network config by path (``model.init_args.network: ../configs/model/X.yaml``);
-the tests parse each file that way. Big models are not built: their size is checked with the
-analytic parameter counts (DiT paper Table 1, SD3 §5), CrossDiT's on the meta device. The tiny
-MM-DiT is built inside a RectifiedFlow objective and run forward.
+the tests parse each file that way. Big models are built on the meta device (no memory) and their
+parameter counts checked against the papers (DiT Table 1, SD3 §5). The tiny MM-DiT is built inside a
+RectifiedFlow objective and run forward.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from flowmatch.networks.dit import dit_param_count
-from flowmatch.networks.mmdit import MMDiT, mmdit_param_count
+from flowmatch.networks.dit import DiT
+from flowmatch.networks.layers import count_parameters
+from flowmatch.networks.mmdit import MMDiT
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 TRANSFORMERS = {
@@ -24,14 +24,13 @@ TRANSFORMERS = {
     "dit_b2": ("flowmatch.networks.dit.DiT", 130e6),
     "dit_l2": ("flowmatch.networks.dit.DiT", 458e6),
     "dit_xl2": ("flowmatch.networks.dit.DiT", 675e6),
-    "mmdit_d2": ("flowmatch.networks.mmdit.MMDiT", 1.2e6),
-    "mmdit_d16": ("flowmatch.networks.mmdit.MMDiT", 0.6e9),
-    "mmdit_d24": ("flowmatch.networks.mmdit.MMDiT", 2.0e9),
-    "mmdit_d38": ("flowmatch.networks.mmdit.MMDiT", 8.0e9),
-    "mmdit3_d16": ("flowmatch.networks.mmdit.MMDiT", 0.88e9),
-    "crossdit_d16": ("flowmatch.networks.crossdit.CrossDiT", None),
+    "mmdit_depth2": ("flowmatch.networks.mmdit.MMDiT", 1.2e6),
+    "mmdit_depth16": ("flowmatch.networks.mmdit.MMDiT", 0.6e9),
+    "mmdit_depth24": ("flowmatch.networks.mmdit.MMDiT", 2.0e9),
+    "mmdit_depth38": ("flowmatch.networks.mmdit.MMDiT", 8.0e9),
+    "mmdit3_depth16": ("flowmatch.networks.mmdit.MMDiT", 0.88e9),
+    "crossdit_depth16": ("flowmatch.networks.crossdit.CrossDiT", None),
 }
-SIZE_ARGS = ("depth", "hidden_size", "num_heads")
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +53,14 @@ def parse(tmp_path_factory):
     return _parse
 
 
-def _kwargs_for(fn, init_args, skip=()) -> dict:
-    """The config's init_args that ``fn`` (an analytic count function) takes, minus ``skip``."""
-    names = inspect.signature(fn).parameters
-    return {k: v for k, v in vars(init_args).items() if k in names and k not in skip}
+def build_on_meta(net_cfg) -> torch.nn.Module:
+    """The network of a parsed config, built on the meta device (sizes and parameter counts, no memory)."""
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(exit_on_error=False)
+    p.add_subclass_arguments(torch.nn.Module, "network")
+    with torch.device("meta"):
+        return p.instantiate_classes(p.parse_object({"network": {"class_path": net_cfg.class_path, "init_args": vars(net_cfg.init_args)}})).network
 
 
 def test_every_model_config_is_covered():
@@ -82,16 +85,11 @@ def test_config_parses_into_its_class(parse, path):
 @pytest.mark.parametrize("name", [n for n in TRANSFORMERS if n.startswith("dit")])
 def test_dit_sizes(parse, name):
     _, cfg = parse(MODEL_DIR / f"{name}.yaml")
-    args = cfg.model.init_args.network.init_args
     size = {"dit_s2": "S", "dit_b2": "B", "dit_l2": "L", "dit_xl2": "XL"}[name]
-    assert args.size == size
-    from flowmatch.networks.dit import resolve_size
-
-    depth, hidden, heads = resolve_size(args.size, args.depth, args.hidden_size, args.num_heads)
-    n = dit_param_count(depth, hidden, heads, **_kwargs_for(dit_param_count, args, skip=SIZE_ARGS))
-    assert n == pytest.approx(TRANSFORMERS[name][1], rel=0.01)
+    assert cfg.model.init_args.network.init_args.size == size
+    assert build_on_meta(cfg.model.init_args.network).num_params() == pytest.approx(TRANSFORMERS[name][1], rel=0.01)
     # the paper's own class-conditional ImageNet setting (4-channel latents, learned sigma) gives the paper's number
-    paper = dit_param_count(depth, hidden, heads, in_channels=4, out_channels=8, num_classes=1000)
+    paper = count_parameters(DiT, size=size, patch_size=2, in_channels=4, out_channels=8, num_classes=1000)
     assert paper == pytest.approx(TRANSFORMERS[name][1], rel=0.01)
 
 
@@ -100,33 +98,28 @@ def test_mmdit_sizes(parse, name):
     _, cfg = parse(MODEL_DIR / f"{name}.yaml")
     args = cfg.model.init_args.network.init_args
     assert args.hidden_size is None and args.num_heads is None  # depth-parameterised: 64 * depth, depth heads
-    n = mmdit_param_count(**_kwargs_for(mmdit_param_count, args))
-    assert n == pytest.approx(TRANSFORMERS[name][1], rel=0.03)
+    net = build_on_meta(cfg.model.init_args.network)
+    assert (net.hidden_size, net.num_heads) == (64 * args.depth, args.depth)
+    assert net.num_params() == pytest.approx(TRANSFORMERS[name][1], rel=0.03)
     assert (args.context_dim_2 is not None) == name.startswith("mmdit3")
 
 
 def test_crossdit_size_on_meta_device(parse):
-    """CrossDiT d16 at MM-DiT d16's width: built on the meta device (no memory), ~ the size of MM-DiT d16."""
-    parser, cfg = parse(MODEL_DIR / "crossdit_d16.yaml")
-    net_cfg = cfg.model.init_args.network
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(exit_on_error=False)
-    p.add_subclass_arguments(torch.nn.Module, "network")
-    with torch.device("meta"):
-        net = p.instantiate_classes(p.parse_object({"network": {"class_path": net_cfg.class_path, "init_args": vars(net_cfg.init_args)}})).network
+    """CrossDiT depth 16 at MM-DiT depth 16's width: ~ the size of MM-DiT depth 16, with one weight set per block."""
+    _, cfg = parse(MODEL_DIR / "crossdit_depth16.yaml")
+    net = build_on_meta(cfg.model.init_args.network)
     assert (net.depth, net.hidden_size, net.num_heads) == (16, 1024, 16)
     n = net.num_params()
-    assert 0.3e9 < n < mmdit_param_count(16, pooled_dim=384, context_dim=384)  # one weight set per block, not two
+    assert 0.3e9 < n < count_parameters(MMDiT, 16, pooled_dim=384, context_dim=384)  # one weight set per block, not two
 
 
 def test_tiny_mmdit_instantiates_and_runs(parse):
     torch.manual_seed(0)
-    parser, cfg = parse(MODEL_DIR / "mmdit_d2.yaml")
+    parser, cfg = parse(MODEL_DIR / "mmdit_depth2.yaml")
     model = parser.instantiate_classes(cfg).model
     net = model.net
     assert isinstance(net, MMDiT) and (net.depth, net.hidden_size, net.num_heads) == (2, 128, 2)
-    assert net.num_params() == mmdit_param_count(**_kwargs_for(mmdit_param_count, cfg.model.init_args.network.init_args))
+    assert net.num_params() == count_parameters(MMDiT, **vars(cfg.model.init_args.network.init_args))
     b = 2
     z, t = torch.randn(b, 16, 8, 6), torch.rand(b)
     cond = {"pooled": torch.randn(b, 384), "tokens": torch.randn(b, 7, 384)}

@@ -85,6 +85,10 @@ def test_fit_validate_sample_roundtrip_with_mlflow(tmp_path):
     assert val.returncode == 0, val.stderr[-3000:]
     assert "val/loss" in val.stdout and "val/w2_dopri5" in val.stdout
 
+    # a checkpoint of another network than the config's is refused, not silently evaluated
+    other = run_cli(["validate", "--config", TOY, *SHORT, "--ckpt_path", ckpt, "--model.init_args.network.init_args.hidden", "32"], tmp_path)
+    assert other.returncode != 0 and "was trained with another model than this config's" in other.stderr, other.stderr[-3000:]
+
     pred = run_cli(["predict", "--config", TOY, *SHORT, "--ckpt_path", ckpt, "--trainer.logger", "false"], tmp_path)
     assert pred.returncode == 0, pred.stderr[-3000:]
 

@@ -16,10 +16,14 @@ import torch
 import webdataset as wds
 
 from flowmatch.autoencoders import SpaceToDepth
+from flowmatch.callbacks.data_match import MatchModelToData
 from flowmatch.cli.prepare import main as prepare_main
 from flowmatch.data.captions import mixing_draw, use_synthetic
 from flowmatch.data.digits import describe_digits, load_digit_images, original_caption
-from flowmatch.data.health import DataQualityError, DataWarning
+from flowmatch.data.facts import LatentDataFacts
+from flowmatch.data.health import DataHealthLogger, DataQualityError, DataWarning
+from flowmatch.data.latent_info import info_from_datamodule
+from flowmatch.data.reference import reference_batch, reference_images
 from flowmatch.data.prepare import PrepareConfig, PrepareError, prepare_shards
 from flowmatch.data.shard_format import ManifestMismatchError, SampleSpec, ShardFormatError, npy_bytes, read_manifest
 from flowmatch.data.shards import LatentShardDataModule, plan_batches
@@ -53,14 +57,17 @@ def read_raw(directory: Path, split: str) -> dict[str, dict]:
 
 def tiny_mmdit(dm: LatentShardDataModule, in_channels: int | None = None, context_dim: int | None = None) -> RectifiedFlow:
     torch.manual_seed(0)
-    net = MMDiT(depth=1, hidden_size=32, num_heads=2, in_channels=in_channels or dm.num_channels, pooled_dim=dm.pooled_dim,
-                context_dim=context_dim or dm.context_dim, pos_embed_max_size=8)
+    facts = dm.facts
+    net = MMDiT(depth=1, hidden_size=32, num_heads=2, in_channels=in_channels or facts.num_channels, pooled_dim=facts.pooled_dim,
+                context_dim=context_dim or facts.context_dim, pos_embed_max_size=8)
     return RectifiedFlow(net, sample_shape=dm.sample_shape)
 
 
 def trainer(tmp_path, **kw) -> lightning.Trainer:
+    """A Trainer with the callbacks the CLI adds around the data: the model-vs-data check and the skip-count logger."""
     args = dict(logger=lightning.pytorch.loggers.CSVLogger(tmp_path / "logs"), log_every_n_steps=1, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1)
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+                callbacks=[MatchModelToData(), DataHealthLogger()])
     return lightning.Trainer(**{**args, **kw})
 
 
@@ -101,7 +108,8 @@ def _source_index(directory: Path, split: str, key: str) -> int:
 
 def test_streamed_batches_decode_to_the_images(demo):
     dm = LatentShardDataModule(data_dir=str(demo), batch_size=8, val_batch_size=6, num_workers=0)
-    assert (dm.sample_shape, dm.pooled_dim, dm.context_dim, dm.num_channels) == ([16, 8, 8], 384, 384, 16)
+    facts = dm.facts
+    assert (dm.sample_shape, facts.pooled_dim, facts.context_dim, facts.num_channels) == ([16, 8, 8], 384, 384, 16)
     batch = next(iter(dm.val_dataloader()))
     x0 = batch["x0"]
     assert x0.dtype == torch.float32 and x0.shape == (6, 16, 8, 8)
@@ -109,10 +117,12 @@ def test_streamed_batches_decode_to_the_images(demo):
     assert batch["cond"]["tokens"].shape == (6, 32, 384) and batch["cond"]["mask"].dtype == torch.bool
     assert batch["label"].dtype == torch.int64 and len(batch["caption"]) == 6
     images, _ = load_digit_images(32)
-    decoded = dm.decode(x0)
+    decoded = facts.decode(x0)
     want = torch.from_numpy(np.stack([images[_source_index(demo, "val", k)] for k in batch["key"]]))
     assert (decoded - want).abs().max() < 2e-3  # float16 storage is the only loss
-    assert torch.equal(dm.reference_images(6, "val"), decoded)
+    assert torch.equal(reference_images(dm, 6, "val"), decoded)
+    ref = reference_batch(dm, 6, "val")
+    assert ref["key"] == batch["key"] and torch.equal(ref["cond"]["pooled"], batch["cond"]["pooled"])
 
 
 def test_prepare_resumes_and_refuses_mixed_settings(tmp_path):
@@ -220,7 +230,7 @@ def test_two_ranks_two_workers_validation_reads_each_sample_once(demo):
 def test_shards_as_brace_patterns_pipes_and_file_urls(demo):
     dm = LatentShardDataModule(shards=f"{demo}/train-{{000000..000012}}.tar", val_shards=[f"pipe:cat {demo}/val-000000.tar", f"file:{demo}/val-000001.tar"],
                                manifest=str(demo / "manifest.json"), batch_size=4, num_workers=0)
-    assert len(dm._urls["train"]) == 13 and dm.num_samples("train") == 52 and dm.num_samples("val") == 6
+    assert len(dm.urls("train")) == 13 and dm.num_samples("train") == 52 and dm.num_samples("val") == 6
     assert len(next(iter(dm.train_dataloader()))["key"]) == 4
     assert sorted(k for b in dm.val_dataloader() for k in b["key"]) == [f"val_{i:07d}" for i in range(6)]
     beside = LatentShardDataModule(shards=[str(demo / "train-000000.tar")], batch_size=2, num_workers=0)  # manifest found beside the shards
@@ -285,7 +295,7 @@ def test_too_much_bad_data_stops_with_a_clear_error(corrupt, tmp_path):
 
 def test_manifest_that_does_not_fit_the_model_fails_before_training(demo, tmp_path):
     dm = LatentShardDataModule(data_dir=str(demo), batch_size=8, num_workers=0, steps_per_epoch=2)
-    for model, what in ((tiny_mmdit(dm, in_channels=4), "in_channels is 4"), (tiny_mmdit(dm, context_dim=64), "context_dim is 64")):
+    for model, what in ((tiny_mmdit(dm, in_channels=4), "in_channels is 4"), (tiny_mmdit(dm, context_dim=64), r"\(context_dim\) is 64")):
         t = trainer(tmp_path, max_steps=2)
         with pytest.raises(ManifestMismatchError, match=what) as err:
             t.fit(model, dm)
@@ -326,7 +336,7 @@ def test_jsonl_and_folder_sources_with_on_the_fly_text_encoding(tmp_path):
     manifest, _ = read_manifest(str(out))
     assert manifest["text"]["encodings"] is False and manifest["latent"]["shape"] == [16, 4, 4]
     dm = LatentShardDataModule(data_dir=str(out), batch_size=2, num_workers=0, steps_per_epoch=1)
-    assert (dm.pooled_dim, dm.context_dim) == (16, 16)
+    assert (dm.facts.pooled_dim, dm.facts.context_dim) == (16, 16) and dm.facts.encodes_on_the_fly
     batch = next(iter(dm.train_dataloader()))
     assert "cond" not in batch  # encoded after transfer, on the batch's device
     batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
@@ -339,8 +349,9 @@ def test_jsonl_and_folder_sources_with_on_the_fly_text_encoding(tmp_path):
 
 
 def test_bad_input_names_the_file_or_key(demo, tmp_path):
+    nowhere = LatentShardDataModule(data_dir=str(tmp_path / "nowhere"))  # the constructor reads nothing
     with pytest.raises(ShardFormatError, match=str(tmp_path / "nowhere" / "manifest.json")):
-        LatentShardDataModule(data_dir=str(tmp_path / "nowhere"))
+        nowhere.setup("fit")
     partial = tmp_path / "partial"
     shutil.copytree(demo, partial)
     (partial / "val-000001.tar").unlink()
@@ -369,5 +380,58 @@ def test_demo_data_config_builds_the_streaming_module(demo):
     assert cfg["class_path"] == "flowmatch.data.shards.LatentShardDataModule"
     args = {**cfg["init_args"], "data_dir": str(demo), "num_workers": 0}
     dm = LatentShardDataModule(**args)
-    assert dm.spec.encodings and dm._text is None  # MiniLM encodings precomputed: no text encoder while training
+    assert dm.spec.encodings and not dm.facts.encodes_on_the_fly  # MiniLM encodings precomputed: no text encoder while training
     assert dm.sample_shape == [16, 8, 8] and dm.synthetic_prob == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The facts of the data, preparation in prepare_data, the model learning its shape from the data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_facts_hold_the_manifest_and_record_what_checkpoints_always_recorded(demo):
+    facts = LatentDataFacts.read(str(demo))
+    assert facts.location == str(demo / "manifest.json") and facts.sample_shape == [16, 8, 8] and facts.max_lengths == [32]
+    spec = facts.conditioning
+    assert spec.is_text and spec.pooled_dim == 384 and spec.stream("tokens").width == 384 and spec.stream("tokens").max_length == 32
+    record = facts.record()
+    assert set(record) == {"manifest", "text_encoders", "pooled_dim", "context_dim", "context_length", "autoencoder", "shift",
+                           "scale", "latent_shape", "image_shape"}
+    assert record["manifest"] == str((demo / "manifest.json").resolve()) and record["image_shape"] == [1, 32, 32]
+    assert record["text_encoders"][0]["path"] == "minilm" and record["text_encoders"][0]["max_length"] == 32
+    dm = LatentShardDataModule(data_dir=str(demo), num_workers=0)
+    assert info_from_datamodule(dm) == record and LatentDataFacts.from_record(record).record() == record
+    # prompts encoded with the manifest's encoders match the stored encodings of the same captions
+    raw = read_raw(demo, "val")
+    key = sorted(raw)[0]
+    cond = facts.encode([raw[key]["caption"]])
+    tokens, mask, pooled = raw[key]["orig"]
+    assert torch.allclose(cond["pooled"][0], torch.from_numpy(pooled.astype(np.float32)), atol=2e-3)
+    assert torch.equal(cond["mask"][0], torch.from_numpy(mask.copy()))
+
+
+def test_prepare_happens_in_prepare_data_not_in_the_constructor(demo, tmp_path):
+    target = tmp_path / "later"
+    dm = LatentShardDataModule(data_dir=str(target), prepare_source="demo", num_workers=0)
+    assert not target.exists()  # nothing written, nothing read
+    with pytest.raises(ShardFormatError, match="prepare_data"):
+        dm.facts  # noqa: B018
+    shutil.copytree(demo, target)  # as prepare_data would have written it
+    dm.prepare_data()  # a manifest is there: nothing to do
+    assert dm.sample_shape == [16, 8, 8]
+
+
+def test_the_model_learns_its_sample_shape_from_the_data_and_the_data_module_adds_no_callback(demo, tmp_path):
+    dm = LatentShardDataModule(data_dir=str(demo), batch_size=8, num_workers=0, steps_per_epoch=1)
+    model = tiny_mmdit(dm)
+    model.sample_shape = None
+    model.hparams["sample_shape"] = None
+    t = trainer(tmp_path, max_steps=1)
+    logger = next(cb for cb in t.callbacks if isinstance(cb, DataHealthLogger))
+    t.fit(model, dm)
+    assert [cb for cb in t.callbacks if isinstance(cb, DataHealthLogger)] == [logger]  # the data module appended none
+    assert model.sample_shape == (16, 8, 8) and model.hparams["sample_shape"] == [16, 8, 8]
+    other = tiny_mmdit(dm)
+    other.sample_shape = (16, 4, 4)
+    with pytest.raises(ManifestMismatchError, match=r"shape \(16, 4, 4\)"):
+        trainer(tmp_path, max_steps=1).fit(other, dm)

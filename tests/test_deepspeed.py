@@ -91,7 +91,8 @@ def _convert(tmp_path: Path, directory: Path, name: str) -> Path:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_on_two_cpu_processes(tmp_path, stage):
-    from flowmatch.checkpoints import load_objective, read_checkpoint
+    from flowmatch.checkpoints import read_checkpoint
+    from flowmatch.objectives.loading import load_objective
 
     # stage 3 as shipped (bf16-mixed), with a probe that joins the EMA shards inside validation and checks
     # that the model validates with them; stage 2 in float32, where a resume is exact to float rounding

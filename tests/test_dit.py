@@ -6,8 +6,8 @@ import torch
 
 from helpers_models import randomize
 from flowmatch.networks.crossdit import CrossDiT
-from flowmatch.networks.dit import DIT_SIZES, DiT, dit_param_count
-from flowmatch.networks.layers import sincos_pos_embed_2d
+from flowmatch.networks.dit import DIT_SIZES, DiT
+from flowmatch.networks.layers import count_parameters, sincos_pos_embed_2d
 
 TINY = dict(size=None, depth=2, hidden_size=32, num_heads=2, in_channels=4, input_size=8, patch_size=2)
 
@@ -52,20 +52,16 @@ def test_pos_table_matches_mae_numpy_reference():
     "kwargs",
     [dict(num_classes=10), dict(pooled_dim=12, learned_null=True), dict(qk_norm=True, out_channels=8), dict()],
 )
-def test_param_count_formula(kwargs):
+def test_meta_device_count_equals_the_built_network(kwargs):
     net = DiT(**TINY, **kwargs)
-    expected = dit_param_count(2, 32, 2, in_channels=4, patch_size=2, **kwargs)
-    assert net.num_params() == expected
+    assert count_parameters(DiT, **TINY, **kwargs) == net.num_params() == sum(p.numel() for p in net.parameters())
 
 
 def test_named_sizes():
     assert DIT_SIZES["XL"] == (28, 1152, 16)
     net = DiT.from_name("DiT-S/4", depth=1)  # explicit depth overrides the named size
     assert (net.depth, net.hidden_size, net.num_heads, net.patch_size) == (1, 384, 6, 4)
-    assert net.num_params() == dit_param_count(1, 384, 6, patch_size=4)
-    # DiT-XL/2 as in the paper (learned sigma -> 8 output channels, 1000 classes, 256 tokens): its repo
-    # reports 675,129,632 parameters including the 256 x 1152 position table it stores as a parameter.
-    assert dit_param_count(28, 1152, 16, in_channels=4, out_channels=8, num_classes=1000) + 256 * 1152 == 675_129_632
+    assert net.num_params() == count_parameters(DiT, size=None, depth=1, hidden_size=384, num_heads=6, patch_size=4)
     with pytest.raises(ValueError, match="unknown DiT size"):
         DiT(size="M")
 

@@ -13,11 +13,12 @@ from torch.utils.data import DataLoader
 
 from flowmatch.callbacks import EMA
 from flowmatch.callbacks.ema import _local_part, consolidate_sharded_ema
-from flowmatch.checkpoints import CheckpointError, load_objective, read_checkpoint
+from flowmatch.checkpoints import CheckpointError, read_checkpoint
 from flowmatch.cli.main import main as flowmatch_main
 from cli_utils import REPO
 from flowmatch.networks.mlp import MLPVelocity
 from flowmatch.objectives import RectifiedFlow
+from flowmatch.objectives.loading import load_objective
 
 
 def _data(n=64, seed=0):

@@ -54,7 +54,7 @@ def sd3_dir(tmp_path_factory):
 
 
 def test_import_load_compare_and_finetune(sd3_dir, tmp_path):
-    from flowmatch.checkpoints import load_objective
+    from flowmatch.objectives.loading import load_objective
 
     src, ref = sd3_dir
     out = tmp_path / "model.ckpt"

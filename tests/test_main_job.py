@@ -3,7 +3,7 @@ working directory (it writes the demo shards itself), with overrides that make i
 MM-DiT; then `test` of its checkpoint (the table of Fréchet distance and caption adherence per sampler),
 `sample` with prompts, and the errors for a checkpoint of another objective or model.
 
-The full-size run (1,200 steps of the depth-4 model) and its targets are measured in the README."""
+The full-size run (1,200 steps of the depth-4 model) and its targets are measured in docs/main_job.md."""
 
 import shutil
 from pathlib import Path

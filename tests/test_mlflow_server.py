@@ -69,7 +69,7 @@ CALLBACKS = [
 def test_two_fits_on_a_server_then_compare(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from flowmatch.checkpoints import load_objective
+    from flowmatch.objectives.loading import load_objective
 
     (tmp_path / "callbacks.yaml").write_text(yaml.safe_dump(CALLBACKS))
     for experiment in ("toy2d_rf", "toy2d_fm"):

@@ -1,5 +1,5 @@
 """Objectives (RF, FM, eps-DDPM, v/cos) with tiny in-test networks: losses, velocities, generation,
-the non-finite-loss guard and SD3's validation levels (SPEC §2, §8).
+the non-finite-loss guard and SD3's validation levels (docs/spec.md §2, §8).
 
 Targets are written in closed form here: RF eps - x0; FM (1 - sigma_min) eps - x0; eps-DDPM eps;
 v/cos cos(pi t/2) eps - sin(pi t/2) x0.
@@ -236,7 +236,7 @@ def test_generate_shapes_for_each_objective():
 # --- non-finite loss guard -------------------------------------------------------------------------
 def test_nan_output_raises_with_a_trainer_attached():
     model = RectifiedFlow(NaNNet())
-    model.trainer = SimpleNamespace(world_size=1, global_step=0)  # minimal stand-in for _check_finite
+    model.trainer = SimpleNamespace(world_size=1, global_step=0)  # minimal stand-in for stop_if_not_finite
     with pytest.raises(NonFiniteLossError, match="nan"):
         model.training_step({"x0": torch.randn(4, 2)}, 0)
 
@@ -315,3 +315,103 @@ def test_validation_noise_is_fixed_and_levels_weighted():
     ratios = [levels[k - 1] / (1 - k / 8) ** 2 for k in range(1, 8)]
     assert max(ratios) - min(ratios) < 1e-4 * ratios[0]
     assert abs(m["val/loss"] - sum(levels[:7]) / 7) < 1e-6
+
+
+# --- the LightningModule's named parts ------------------------------------------------------------------
+def test_the_objective_returns_its_resume_callback():
+    from flowmatch.training.resume_rng import ResumeRNG
+
+    callbacks = RectifiedFlow(AffineNet()).configure_callbacks()
+    assert [type(c) for c in callbacks] == [ResumeRNG]
+
+
+def test_null_condition_follows_the_networks_conditioning_spec():
+    from flowmatch.networks.conditioning import ConditioningSpec
+
+    class Net(AffineNet):
+        def __init__(self, spec):
+            super().__init__()
+            self.conditioning = spec
+
+        def null_condition(self, cond):
+            return torch.full_like(cond, 10)
+
+    labels = torch.tensor([1, 2])
+    assert torch.equal(RectifiedFlow(Net(ConditioningSpec(num_classes=10))).null_condition(labels), torch.full((2,), 10))
+    assert RectifiedFlow(Net(ConditioningSpec())).null_condition(labels) is None  # an unconditional network
+    assert RectifiedFlow(Net(ConditioningSpec(num_classes=10))).null_condition(None) is None
+
+
+# --- distillation: its own base, its new name, the old one deprecated ----------------------------------------
+DISTILL_NET = {"class_path": "flowmatch.networks.mlp.MLPVelocity", "init_args": {"dim": 2, "hidden": 16, "depth": 1, "time_dim": 8}}
+
+
+def test_the_student_carries_no_time_sampler_weighting_or_level_metrics():
+    from flowmatch.objectives import FewStepDistillation, FlowGenerator, FlowObjective
+
+    student = FewStepDistillation(AffineNet(), student_steps=2)
+    assert isinstance(student, FlowGenerator) and not isinstance(student, FlowObjective)
+    for name in ("time_sampler", "weighting", "val_metrics", "val_times"):
+        assert not hasattr(student, name), name
+    assert not {"time_sampler", "weighting", "val_levels", "val_seed"} & set(student.hparams)
+
+
+@pytest.mark.parametrize("module", ["flowmatch.objectives", "flowmatch.objectives.distillation"])
+def test_one_step_distillation_still_works_with_a_deprecation_warning(module):
+    import importlib
+
+    from flowmatch.objectives import FewStepDistillation
+
+    old = getattr(importlib.import_module(module), "OneStepDistillation")
+    with pytest.warns(FutureWarning, match="FewStepDistillation"):
+        student = old(AffineNet(), student_steps=3, weighting="native", val_levels=8, val_seed=0)  # the arguments it used to take
+    assert isinstance(student, FewStepDistillation) and student.student_steps == 3
+
+
+def _old_distillation_checkpoint(path):
+    """A checkpoint as OneStepDistillation wrote it: its class path and the arguments it inherited in the hyper-parameters."""
+    from flowmatch.networks.mlp import MLPVelocity
+    from flowmatch.objectives import FewStepDistillation
+
+    student = FewStepDistillation(MLPVelocity(**DISTILL_NET["init_args"]), student_steps=2)
+    hparams = {"_class_path": "flowmatch.objectives.distillation.OneStepDistillation", "network": DISTILL_NET, "student_steps": 2,
+               "loss": "mse", "time_sampler": None, "weighting": "native", "lr": 0.001, "weight_decay": 0.0, "betas": [0.9, 0.999],
+               "warmup_steps": 0, "sample_shape": [2], "val_levels": 8, "val_seed": 0, "init_weights": None,
+               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    ckpt = {"state_dict": student.state_dict(), "hyper_parameters": hparams, "global_step": 3,
+            "flowmatch": {"sample_shape": [2], "objective": "OneStepDistillation"}}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_an_old_distillation_checkpoint_still_loads(tmp_path):
+    from flowmatch.checkpoints import CheckpointError
+    from flowmatch.objectives import FewStepDistillation
+    from flowmatch.objectives.loading import load_objective
+
+    ckpt = _old_distillation_checkpoint(tmp_path / "old.ckpt")
+    with pytest.warns(FutureWarning, match="FewStepDistillation"):
+        model = load_objective(tmp_path / "old.ckpt")
+    assert isinstance(model, FewStepDistillation) and model.student_steps == 2 and model.sample_shape == (2,)
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # a run configured with the new name accepts it (e.g. to resume), another objective does not
+    FewStepDistillation(model.net, student_steps=2).on_load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="OneStepDistillation"):
+        RectifiedFlow(model.net).on_load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("class_path", [
+    "flowmatch.objectives.RectifiedFlow", "flowmatch.objectives.FlowMatching", "flowmatch.objectives.EpsDDPM",
+    "flowmatch.objectives.VPDiffusion", "flowmatch.objectives.rectified_flow.RectifiedFlow",
+    "flowmatch.objectives.flow_matching.FlowMatching", "flowmatch.objectives.diffusion.EpsDDPM",
+    "flowmatch.objectives.diffusion.VPDiffusion", "flowmatch.objectives.distillation.FewStepDistillation",
+])
+def test_config_class_paths_still_build(class_path):
+    """The class paths configs name: build_objective (what load_objective uses) instantiates each one."""
+    from flowmatch.objectives.loading import build_objective
+
+    model = build_objective({"_class_path": class_path, "network": DISTILL_NET, "sample_shape": [2]})
+    assert f"{type(model).__module__}.{type(model).__name__}".endswith(class_path.rpartition(".")[2])
+    x, _ = model.generate(3, SamplerConfig(solver="euler", steps=2))
+    assert x.shape == (3, 2) and torch.isfinite(x).all()

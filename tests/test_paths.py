@@ -1,4 +1,4 @@
-"""Affine paths z_t = a_t x0 + b_t eps (t = 0 data, t = 1 noise) against closed forms (SPEC §1-2).
+"""Affine paths z_t = a_t x0 + b_t eps (t = 0 data, t = 1 noise) against closed forms (docs/spec.md §1-2).
 
 Every expected number here is written out by hand or computed independently of flowmatch
 (finite differences, numpy's own LDM schedule), never with the path's own formulas.
@@ -195,7 +195,7 @@ def test_sample_velocity_is_time_derivative_of_z(name):
 
 @pytest.mark.parametrize("name", list(ALL_PATHS))
 def test_sd3_conditional_field_identity(name):
-    # SPEC §2: u_t = (a'/a) z - (b/2) lambda' eps  ==  a' x0 + b' eps.
+    # docs/spec.md §2: u_t = (a'/a) z - (b/2) lambda' eps  ==  a' x0 + b' eps.
     # Evaluated here with finite-difference a' and lambda' (not the path's own derivatives).
     p, (x0, eps), t, h = ALL_PATHS[name], _data(3), midpoints(64, seed=4), 1e-7
     e = lambda v: v[:, None, None]  # noqa: E731

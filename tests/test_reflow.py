@@ -1,4 +1,4 @@
-"""Reflow end to end through the real CLI (SPEC §5): 1-RF on 8 gaussians -> its couplings -> 2-RF (and a
+"""Reflow end to end through the real CLI (docs/spec.md §5): 1-RF on 8 gaussians -> its couplings -> 2-RF (and a
 one-step distilled student) on them. Reflow must straighten the paths and make one Euler step sample well."""
 
 import contextlib
@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from cli_utils import REPO, checkpoint_from_output, run_cli
-from flowmatch.checkpoints import load_objective
+from flowmatch.objectives.loading import load_objective
 from flowmatch.cli.main import OWN_COMMANDS
 from flowmatch.cli.reflow import _source_info
 from flowmatch.cli.reflow import main as reflow_main
 from flowmatch.data.toy2d import sample_target
 from flowmatch.metrics import wasserstein2_exact
 from flowmatch.metrics.straightness import straightness
-from flowmatch.objectives.distillation import OneStepDistillation
+from flowmatch.objectives.distillation import FewStepDistillation
 from flowmatch.reflow import read_couplings, read_manifest
 from flowmatch.sampling import SamplerConfig
 
@@ -117,7 +117,7 @@ def test_reflow_straightens_the_flow_and_one_step_sampling_improves(pipeline):
 
 def test_distilled_student_samples_in_one_step(pipeline):
     student = load_objective(pipeline["ckpt_distill"])
-    assert isinstance(student, OneStepDistillation) and student.student_steps == 1
+    assert isinstance(student, FewStepDistillation) and student.student_steps == 1
     x, nfe = student.generate(NUM_EVAL, seed=7)  # the student's own single step by default
     assert nfe == 1 and x.shape == (NUM_EVAL, 2)
     fresh, _ = sample_target("8gaussians", NUM_EVAL, seed=999)

@@ -17,15 +17,17 @@ import pytest
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
-from flowmatch.checkpoints import load_objective, read_checkpoint
+from flowmatch.checkpoints import read_checkpoint
 from flowmatch.cli.prepare import main as prepare_main
 from flowmatch.cli.reflow import main as reflow_main
 from flowmatch.data.prepare import PrepareConfig, prepare_shards
 from flowmatch.data.shard_format import SampleSpec, read_manifest as read_shard_manifest
 from flowmatch.data.shards import LatentShardDataModule
+from flowmatch.networks.conditioning import ConditioningMismatchError, ConditioningSpec
 from flowmatch.networks.mmdit import MMDiT
 from flowmatch.objectives import RectifiedFlow
-from flowmatch.objectives.distillation import OneStepDistillation
+from flowmatch.objectives.distillation import FewStepDistillation
+from flowmatch.objectives.loading import load_objective
 from flowmatch.reflow import (
     CaptionSourceError,
     CouplingDataModule,
@@ -273,7 +275,7 @@ def test_bad_input_is_refused_with_a_clear_error(ckpt, shards, tmp_path):
     assert rc == 2 and "unknown split" in err
     # encodings of other widths than the network's
     narrow = MMDiT(**{**NET, "context_dim": 64})
-    with pytest.raises(ValueError, match="context_dim is 64"):
+    with pytest.raises(ConditioningMismatchError, match=r"context_dim\) is 64 but the captions' text encoder's is 384"):
         generate_couplings(RectifiedFlow(narrow, sample_shape=[16, 8, 8]), tmp_path / "e", 4, SAMPLER, captions=TrainingCaptions(str(shards)), progress=False)
     with pytest.raises(ValueError, match="need captions"):
         generate_couplings(RectifiedFlow(MMDiT(**NET), sample_shape=[16, 8, 8]), tmp_path / "e", 4, SAMPLER, progress=False)
@@ -291,6 +293,7 @@ def test_data_module_serves_the_cond_dict_the_teacher_saw(couplings):
     as_model = {k: torch.from_numpy(v) if v.dtype == bool else torch.from_numpy(v).float() for k, v in pairs["cond"].items()}
     dm = CouplingDataModule(str(couplings), batch_size=4, num_val=6, num_test=4)
     assert dm.text_conditional and not dm.conditional and dm.num_classes == 0 and dm.in_memory
+    assert dm.conditioning == ConditioningSpec.text(384, 384, pairs["cond"]["mask"].shape[1])  # what the pairs were drawn with
     dm.setup("fit")
     val = list(dm.val_dataloader())
     for key in ("pooled", "tokens", "mask"):
@@ -339,7 +342,7 @@ def test_training_on_text_couplings_applies_text_dropout_and_records_the_data(ck
     assert m["condition"] == "text" and m["source_couplings"] == str(Path(couplings).resolve()) and m["rectified"] == 3
     # a model whose network does not fit the couplings is refused before training
     bad = RectifiedFlow(MMDiT(**{**NET, "pooled_dim": 16}), sample_shape=list(dm.sample_shape))
-    with pytest.raises(ValueError, match="pooled_dim is 16"):
+    with pytest.raises(ConditioningMismatchError, match="pooled_dim is 16 but the coupling set's pooled vector has 384"):
         _trainer(1).fit(bad, datamodule=CouplingDataModule(str(couplings), batch_size=8, num_val=6))
 
 
@@ -352,7 +355,7 @@ def test_image_callbacks_evaluate_k_rf_and_students_against_the_real_held_out_di
     real = LatentShardDataModule(data_dir=str(shards), num_workers=0).reference_batch(4, "val")
     assert torch.equal(ref["x0"], real["x0"]) and ref["caption"] == real["caption"] and dm.num_samples("val") == 4
     assert torch.equal(dm.reference_samples(4), real["x0"])
-    for objective in (RectifiedFlow, OneStepDistillation):
+    for objective in (RectifiedFlow, FewStepDistillation):
         model = _objective(list(dm.sample_shape), cls=objective, init_weights=str(ckpt))
         images = ImageSampleMetrics(samplers=["euler1", "euler1:cfg=1.5"], feature_network=str(trained_digit_classifier["path"]),
                                     feature_network_config=None, per_class=1, plot=False, print_table=False)

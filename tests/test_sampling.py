@@ -1,4 +1,4 @@
-"""Sampling tests against closed forms: SPEC §4 grids, exact Gaussian transport, solver orders, CFG.
+"""Sampling tests against closed forms: docs/spec.md §4 grids, exact Gaussian transport, solver orders, CFG.
 
 Transport problem: rectified-flow path z_t = (1 - t) x0 + t eps with x0 ~ N(mu, diag(s^2)).
 Per coordinate, z_t ~ N(m_t, V_t) with m_t = (1 - t) mu and V_t = (1 - t)^2 s^2 + t^2, and the

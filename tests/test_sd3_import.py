@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flowmatch.networks.mmdit import MMDiT, mmdit_param_count, sd3_unused_query_params
-from flowmatch.networks.sd3_import import load_sd3_diffusers, save_sd3_diffusers
+from flowmatch.networks.layers import count_parameters
+from flowmatch.networks.mmdit import MMDiT
+from flowmatch.networks.sd3_import import load_sd3_diffusers, save_sd3_diffusers, sd3_unused_query_params
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TINY = dict(depth=2, hidden_size=16, num_heads=2, in_channels=4, pooled_dim=16, context_dim=32,
@@ -88,7 +89,7 @@ def test_sd3_medium_size_matches_diffusers():
         )
     n_ref = sum(p.numel() for p in ref.parameters())
     assert n_ref == 2_028_328_000
-    assert mmdit_param_count(24) + sd3_unused_query_params(1536, 24) == n_ref
+    assert count_parameters(MMDiT, 24) + sd3_unused_query_params(1536, 24) == n_ref
 
 
 # ---- round trip and errors (no diffusers needed) ------------------------------------------------

@@ -1,4 +1,4 @@
-"""Straightness S(Z) = int_0^1 E||(Z_1 - Z_0) - dZ_t/dt||^2 dt (SPEC §5) against closed forms, and its callback."""
+"""Straightness S(Z) = int_0^1 E||(Z_1 - Z_0) - dZ_t/dt||^2 dt (docs/spec.md §5) against closed forms, and its callback."""
 
 import math
 

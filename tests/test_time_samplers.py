@@ -1,4 +1,4 @@
-"""Training-time samplers (SPEC §3, SD3 §3.1) against independently written CDFs and densities.
+"""Training-time samplers (docs/spec.md §3, SD3 §3.1) against independently written CDFs and densities.
 
 Independent references: logit-normal via scipy.stats.norm.cdf(logit t); cosmap by integrating
 its density 2/pi / ((1-t)^2 + t^2) with scipy.integrate.quad; mode(s) by inverting

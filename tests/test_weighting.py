@@ -1,4 +1,4 @@
-"""Loss weightings in SD3's unified form L_w = -1/2 E[w_t lambda'_t ||eps_hat - eps||^2] (SPEC §2).
+"""Loss weightings in SD3's unified form L_w = -1/2 E[w_t lambda'_t ||eps_hat - eps||^2] (docs/spec.md §2).
 
 A weighting multiplies the plain MSE of the prediction by m = (-1/2 w_t lambda'_t) / c_p(t).
 Expected values are derived by hand for the rectified-flow path (lambda' = -2 / (t (1 - t))).

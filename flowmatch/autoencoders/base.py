@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -77,6 +78,18 @@ class Autoencoder(nn.Module):
             )
 
 
+#: How each kind of spec becomes an autoencoder: kind -> builder(args, map_location). Each implementation module
+#: registers its kind beside its class (register_kind), and flowmatch/autoencoders/__init__.py imports them all;
+#: Python runs that package __init__ before any module inside it, so every kind is known by the time a spec is
+#: loaded, while this module imports none of the implementations (they import it).
+_BUILDERS: dict[str, Callable[[dict, str], Autoencoder]] = {}
+
+
+def register_kind(kind: str, builder: Callable[[dict, str], Autoencoder]) -> None:
+    """Make ``load_autoencoder({"kind": kind, **args})`` call ``builder(args, map_location)``."""
+    _BUILDERS[kind] = builder
+
+
 def load_autoencoder(spec: str | dict | Autoencoder, map_location: str = "cpu") -> Autoencoder:
     """Build an autoencoder from a spec (see this module's docstring). Errors name the spec / path."""
     if isinstance(spec, Autoencoder):
@@ -86,20 +99,10 @@ def load_autoencoder(spec: str | dict | Autoencoder, map_location: str = "cpu") 
     if not isinstance(spec, dict) or "kind" not in spec:
         raise AutoencoderError(f"autoencoder spec must be a string or a dict with a 'kind', got {spec!r}")
     kind = spec["kind"]
-    args = {k: v for k, v in spec.items() if k != "kind"}
-    if kind == "space_to_depth":
-        from flowmatch.autoencoders.space_to_depth import SpaceToDepth
-
-        return SpaceToDepth(**args)
-    if kind == "conv":
-        from flowmatch.autoencoders.conv import load_conv_autoencoder
-
-        return load_conv_autoencoder(args["checkpoint"], map_location=map_location)
-    if kind == "diffusers":
-        from flowmatch.autoencoders.diffusers_kl import DiffusersAutoencoder
-
-        return DiffusersAutoencoder(**args)
-    raise AutoencoderError(f"unknown autoencoder kind {kind!r} in {spec!r}; known: space_to_depth, conv, diffusers")
+    builder = _BUILDERS.get(kind)
+    if builder is None:
+        raise AutoencoderError(f"unknown autoencoder kind {kind!r} in {spec!r}; known: {', '.join(sorted(_BUILDERS))}")
+    return builder({k: v for k, v in spec.items() if k != "kind"}, map_location)
 
 
 def _parse_spec_string(text: str) -> dict:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowmatch.autoencoders.base import Autoencoder, AutoencoderError
+from flowmatch.autoencoders.base import Autoencoder, AutoencoderError, register_kind
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -165,3 +165,6 @@ def load_conv_autoencoder(checkpoint: str, map_location: str = "cpu") -> ConvAut
     ae = module.autoencoder.eval()
     ae.checkpoint_path = str(path.resolve())
     return ae
+
+
+register_kind("conv", lambda args, map_location: load_conv_autoencoder(args["checkpoint"], map_location=map_location))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from flowmatch.autoencoders.base import Autoencoder, AutoencoderError
+from flowmatch.autoencoders.base import Autoencoder, AutoencoderError, register_kind
 
 
 class DiffusersAutoencoder(Autoencoder):
@@ -50,3 +50,6 @@ class DiffusersAutoencoder(Autoencoder):
 
     def spec(self) -> dict:
         return {"kind": "diffusers", "path": self.path, "sample_posterior": self.sample_posterior}
+
+
+register_kind("diffusers", lambda args, map_location: DiffusersAutoencoder(**args))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flowmatch.autoencoders.base import Autoencoder, AutoencoderError
+from flowmatch.autoencoders.base import Autoencoder, AutoencoderError, register_kind
 
 
 class SpaceToDepth(Autoencoder):
@@ -37,3 +37,6 @@ class SpaceToDepth(Autoencoder):
 
     def spec(self) -> dict:
         return {"kind": "space_to_depth", "factor": self.factor, "image_channels": self.image_channels}
+
+
+register_kind("space_to_depth", lambda args, map_location: SpaceToDepth(**args))

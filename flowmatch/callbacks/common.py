@@ -34,7 +34,7 @@ def reference_batch(trainer, num: int, stage: str):
         raise RuntimeError("sample metrics need a data module with reference_samples(n, split)")
     split = "test" if stage == "test" else "val"
     x, labels = dm.reference_samples(num, split=split, return_labels=True)
-    return x, labels if getattr(dm, "conditional", False) else None
+    return x, labels if dm.conditioning.kind == "labels" else None
 
 
 def generate(pl_module, num: int, sampler: SamplerConfig, cond, seed: int) -> tuple[torch.Tensor, int]:

@@ -12,7 +12,7 @@ For validation, test and the sample metrics in them, the EMA weights are swapped
 and the raw weights swapped back afterwards (``use_for_eval``); training always updates the raw
 weights. The EMA goes into every checkpoint as ``checkpoint["ema"]`` (under ZeRO-3 each rank's
 model-state file holds its shard; ``python -m flowmatch convert-checkpoint`` consolidates them), so
-``python -m flowmatch sample`` and ``flowmatch.checkpoints.load_objective`` use it by default.
+``python -m flowmatch sample`` and ``flowmatch.objectives.loading.load_objective`` use it by default.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from flowmatch.checkpoints.deepspeed_dirs import consolidate_sharded_ema  # noqa: F401 (joins the shards this callback writes)
 from flowmatch.strategies.zero3 import is_partitioned, local_tensor, refresh_after_shard_write
 
 
@@ -210,25 +211,3 @@ def _local_part(full: torch.Tensor, param: torch.Tensor, rank: int) -> torch.Ten
     if shard.numel() < part:  # the last ranks' shards are padded with zeros
         shard = torch.cat([shard, flat.new_zeros(part - shard.numel())])
     return shard.clone().view_as(param.ds_tensor)
-
-
-def consolidate_sharded_ema(rank_states: list[dict[str, Any]]) -> dict[str, Any]:
-    """Join the per-rank ZeRO-3 EMA shards of one checkpoint (ordered by rank) into full tensors."""
-    if not rank_states:
-        raise ValueError("no EMA states to consolidate")
-    ranks = sorted(rank_states, key=lambda s: s.get("rank", 0))
-    first = ranks[0]
-    if not first.get("sharded"):
-        return dict(first)
-    if len(ranks) != first.get("world_size"):
-        raise ValueError(f"expected EMA shards of {first.get('world_size')} ranks, found {len(ranks)}")
-    full = {}
-    for name, shape in first["shapes"].items():
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        flat = torch.cat([s["state_dict"][name].flatten() for s in ranks])
-        full[name] = flat[:numel].view(*shape).clone()
-    out = {k: v for k, v in first.items() if k not in ("state_dict", "rank")}
-    out.update(sharded=False, state_dict=full, consolidated_from=len(ranks))
-    return out

@@ -27,6 +27,8 @@ import torch
 
 from flowmatch.callbacks.common import parse_samplers
 from flowmatch.callbacks.plots import image_grid
+from flowmatch.data.facts import facts_of
+from flowmatch.data.reference import reference_batch
 from flowmatch.tracking import log_image_to_loggers
 
 
@@ -35,6 +37,16 @@ def digit_captions(num_classes: int = 10) -> list[str]:
     from flowmatch.data.digits import original_caption
 
     return [original_caption(k) for k in range(num_classes)]
+
+
+def latent_data(datamodule):
+    """The latent/caption data module whose held-out split the metrics compare with: the data module itself,
+    or, for text couplings (reflow), the latent/caption data the couplings were drawn from."""
+    data = getattr(datamodule, "latent_data", datamodule)
+    if facts_of(data) is None:
+        raise RuntimeError("ImageSampleMetrics needs latent/caption data (a LatentShardDataModule, or text couplings with "
+                           f"their reference data), got {type(datamodule).__name__}")
+    return data
 
 
 def _concat_cond(a: dict, b: dict) -> dict:
@@ -100,24 +112,22 @@ class ImageSampleMetrics(L.Callback):
             return self._reference[split]
         from flowmatch.metrics.frechet import frechet_distance, frechet_metric
 
-        dm = trainer.datamodule
-        for need in ("reference_batch", "decode", "encode_captions", "num_samples"):
-            if not hasattr(dm, need):
-                raise RuntimeError(f"ImageSampleMetrics needs a data module with {need}() (e.g. LatentShardDataModule), got {type(dm).__name__}")
-        n = dm.num_samples(split)
-        batch = dm.reference_batch(n or 512, split=split)
+        data = latent_data(trainer.datamodule)
+        facts = data.facts
+        n = data.num_samples(split)
+        batch = reference_batch(data, n or 512, split=split)
         if batch["x0"].shape[0] < 4:
             raise RuntimeError(f"the {split} split has {batch['x0'].shape[0]} samples: too few for a Fréchet distance")
         if "label" not in batch:
             raise RuntimeError(f"the {split} shards carry no labels: caption adherence needs them")
-        images = dm.decode(batch["x0"]).float().cpu()
+        images = facts.decode(batch["x0"]).float().cpu()
         idx = torch.arange(images.shape[0])
         a, b = idx[0::2][: len(idx[1::2])], idx[1::2]  # equal halves
         label_caps = [cap for cap in self.class_captions for _ in range(self.per_class)]
         ref = {
             "real_a": images[a], "real_b": images[b], "labels_a": batch["label"][a], "synthetic_a": batch["synthetic"][a],
             "cond_a": _take(batch["cond"], a),
-            "cond_labels": dm.encode_captions(label_caps),
+            "cond_labels": facts.encode(label_caps),
             "labels_l": torch.arange(len(self.class_captions)).repeat_interleave(self.per_class),
         }
         ref["fd_real"] = frechet_distance(ref["real_a"], ref["real_b"], self._features)
@@ -130,7 +140,7 @@ class ImageSampleMetrics(L.Callback):
     def _evaluate(self, trainer, pl_module, stage: str, samplers) -> None:
         if trainer.sanity_checking:
             return
-        dm = trainer.datamodule
+        facts = latent_data(trainer.datamodule).facts
         ref = self._reference_for(trainer, "test" if stage == "test" else "val")
         cond = _concat_cond(ref["cond_a"], ref["cond_labels"])
         cond = {k: v.to(pl_module.device) for k, v in cond.items()}
@@ -141,7 +151,7 @@ class ImageSampleMetrics(L.Callback):
         for sampler in samplers:
             start = time.time()
             x, nfe = pl_module.generate(cond["pooled"].shape[0], sampler, cond=cond, seed=self.seed)
-            images = dm.decode(x.float()).float().cpu()
+            images = facts.decode(x.float()).float().cpu()
             gen_a, gen_l = images[:n_a], images[n_a:]
             name = sampler.name
             metric = ref["fd_metric"]

@@ -1,4 +1,4 @@
-"""Log the straightness of the model's sampling paths (SPEC §5) at each validation / test epoch."""
+"""Log the straightness of the model's sampling paths (docs/spec.md §5) at each validation / test epoch."""
 
 import lightning as L
 import torch
@@ -8,10 +8,7 @@ from flowmatch.metrics.straightness import straightness
 
 def _text_data(dm) -> bool:
     """Does the data module serve a text-to-image model (latent/caption shards, or couplings of such a model)?"""
-    flag = getattr(dm, "text_conditional", None)
-    if flag is not None:
-        return bool(flag)
-    return hasattr(dm, "reference_batch") and hasattr(dm, "encode_captions")
+    return dm.conditioning.is_text
 
 
 class Straightness(L.Callback):
@@ -41,7 +38,7 @@ class Straightness(L.Callback):
 
     def _labels(self, trainer) -> torch.Tensor | None:
         dm = trainer.datamodule
-        if dm is None or not getattr(dm, "conditional", False) or not hasattr(dm, "reference_samples"):
+        if dm is None or dm.conditioning.kind != "labels":
             return None
         _, labels = dm.reference_samples(self.num_samples, split="val", return_labels=True)
         return labels

@@ -77,14 +77,12 @@ class DigitClassifier(L.LightningModule):
             lr: peak AdamW learning rate (one-cycle: warm-up then cosine decay over the run).
             weight_decay: AdamW weight decay.
             max_shift: training augmentation: largest random translation, in whole pixels (0: none).
-            sample_shape: shape of one image (C, H, W); linked from the data module by the CLI and checked here.
+            sample_shape: shape of one image (C, H, W); checked here, and at setup against the data's (given to
+                the model by flowmatch.callbacks.data_match.MatchModelToData, which the CLI adds).
         """
         super().__init__()
         self.save_hyperparameters()
-        if sample_shape is not None and int(sample_shape[0]) != image_channels:
-            raise DigitClassifierError(f"the data's images have {sample_shape[0]} channels but image_channels={image_channels}")
-        if sample_shape is not None and min(int(s) for s in sample_shape[1:]) < 8:
-            raise DigitClassifierError(f"images of {list(sample_shape)} are too small: the network halves them three times (need at least 8x8)")
+        self._check_sample_shape(sample_shape, image_channels)
         self.image_channels, self.num_classes, self.num_features = image_channels, num_classes, num_features
         self.body = nn.Sequential(
             *_conv(image_channels, width, kernel=4, stride=2),
@@ -94,6 +92,18 @@ class DigitClassifier(L.LightningModule):
         )
         self.feature_layer = nn.Sequential(nn.Linear(4 * width * 16, num_features), nn.SiLU())
         self.head = nn.Linear(num_features, num_classes)
+
+    @staticmethod
+    def _check_sample_shape(sample_shape, image_channels: int) -> None:
+        if sample_shape is None:
+            return
+        if int(sample_shape[0]) != image_channels:
+            raise DigitClassifierError(f"the data's images have {sample_shape[0]} channels but image_channels={image_channels}")
+        if min(int(s) for s in sample_shape[1:]) < 8:
+            raise DigitClassifierError(f"images of {list(sample_shape)} are too small: the network halves them three times (need at least 8x8)")
+
+    def setup(self, stage: str) -> None:
+        self._check_sample_shape(self.hparams.get("sample_shape"), self.image_channels)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.image_channels:

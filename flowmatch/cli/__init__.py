@@ -1,1 +1,21 @@
-"""Command line: `python -m flowmatch {fit,validate,test,predict,sample}`."""
+"""The command line, `python -m flowmatch COMMAND` (entry point and dispatch: flowmatch/cli/main.py).
+
+Commands run by Lightning's CLI (flowmatch/cli/lightning_cli.py), configured by YAML files:
+
+    fit                 train a model: --config experiments/mmdit_d16.yaml (the main job)
+    validate            SD3 validation loss and sample metrics of a checkpoint: --config X --ckpt_path CKPT
+    test                the same on the test split
+    predict             Lightning's predict loop
+
+The platform's own commands, one module each:
+
+    sample              draw samples or images from a checkpoint (sample.py)
+    prepare             images + captions -> latent/caption shards (prepare.py)
+    reflow              (noise, sample) couplings of a trained flow for k-rectified flow (reflow.py)
+    import-sd3          a local diffusers SD3 transformer directory -> a flowmatch checkpoint (import_sd3.py)
+    convert-checkpoint  a DeepSpeed ZeRO checkpoint directory -> one checkpoint file (convert_checkpoint.py)
+    compare             an HTML report comparing MLflow runs (compare.py)
+    study               a whole study (variants x seeds) and its write-up in docs/results.md (study.py)
+
+`python -m flowmatch --help` lists them; `python -m flowmatch COMMAND --help` explains one.
+"""

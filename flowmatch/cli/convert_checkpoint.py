@@ -5,7 +5,7 @@ per-rank shards. This command consolidates the weights to float32 (Lightning's
 convert_zero_checkpoint_to_fp32_state_dict, i.e. DeepSpeed's zero_to_fp32), joins the ZeRO-3 shards
 of the EMA weights if the run kept an EMA, and writes one Lightning-format file (atomically, no
 optimizer state) that `validate` / `test` (--ckpt_path), `sample` (--ckpt) and
-flowmatch.checkpoints.load_objective read. To resume training, keep using the directory itself.
+flowmatch.objectives.loading.load_objective read. To resume training, keep using the directory itself.
 """
 
 from __future__ import annotations

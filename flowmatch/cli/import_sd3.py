@@ -4,7 +4,7 @@ Reads a diffusers ``SD3Transformer2DModel`` directory (config.json + *.safetenso
 a whole pipeline directory with a transformer/ folder also works), maps its weights onto
 flowmatch's MMDiT (flowmatch.networks.sd3_import) and writes a Lightning-format checkpoint that
 
-  * `flowmatch.checkpoints.load_objective` rebuilds (its hyper-parameters carry the objective's
+  * `flowmatch.objectives.loading.load_objective` rebuilds (its hyper-parameters carry the objective's
     class path and the exact MMDiT constructor arguments), e.g. for `python -m flowmatch sample`;
   * starts a fine-tuning run:  model.init_args.init_weights: model.ckpt  in a `fit` config whose
     network is the same MMDiT (copy the printed network config).
@@ -47,7 +47,7 @@ DESCRIPTION = """Convert a local diffusers SD3Transformer2DModel directory into 
 
 The checkpoint holds the weights as flowmatch's MMDiT (flowmatch.networks.mmdit.MMDiT) inside a
 RectifiedFlow objective, with the exact network config, so that
-  - flowmatch.checkpoints.load_objective / `python -m flowmatch sample` rebuild it, and
+  - flowmatch.objectives.loading.load_objective / `python -m flowmatch sample` rebuild it, and
   - a `fit` config with  model.init_args.init_weights: OUT  and the same network (the printed
     network config) fine-tunes it.
 Nothing is downloaded. SD3 Medium and SD3.5 Large/Turbo import; SD3.5 Medium (MMDiT-X) does not."""

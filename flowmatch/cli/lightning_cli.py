@@ -1,8 +1,8 @@
 """The LightningCLI behind `fit`, `validate`, `test` and `predict`.
 
 Model and data are given in subclass mode (``class_path`` / ``init_args``), several ``--config``
-files compose, OmegaConf interpolation ``${...}`` is resolved over the merged config, and the data
-module's shape facts are linked into the model so configs need not repeat them.
+files compose, and OmegaConf interpolation ``${...}`` is resolved over the merged config. The model
+learns its sample shape from the data at setup (MatchModelToData), so configs need not repeat it.
 
 Around Lightning's own behaviour the CLI adds:
 * an MLflow tracking server given by an http(s) URI is checked before anything is built: an
@@ -15,7 +15,12 @@ Around Lightning's own behaviour the CLI adds:
   config has none; for the raw weights configure one with ``use_for_eval: false``);
 * a progress bar whose rate and ETA cover the whole run (StepProgressBar) and, at the end of a fit,
   the final model (with its EMA weights) as the MLflow artifact ``model/final.ckpt``
-  (``--final_model.log false`` turns that off).
+  (``--final_model.log false`` turns that off);
+* the data's facts reach the model (MatchModelToData: the sample shape at setup, the network checked
+  against latent shards before the first step), and the data's skip counts are logged (DataHealthLogger).
+
+Only Lightning's public hooks are used (``parse_arguments``, ``before_instantiate_classes``,
+``instantiate_trainer``, ``after_fit``); checked against lightning 2.6.x.
 """
 
 import os
@@ -29,7 +34,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 
 from flowmatch.tracking.final_model import LogFinalModel
-from flowmatch.tracking.mlflow_config import MLflowSaveConfig
+from flowmatch.tracking.mlflow_config import MLflowSaveConfig, tracking_uri
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -91,35 +96,41 @@ class FlowCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # the model generates samples shaped like the data's; the network's class count follows the data's
-        parser.link_arguments("data.sample_shape", "model.init_args.sample_shape", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # (no link of data.sample_shape into the model: the manifest may only exist after prepare_data;
+        # MatchModelToData gives the model the data's sample shape at setup)
+        # the checkpoint callback's options, instantiated here and added to the trainer by instantiate_trainer
+        # (unless --trainer.enable_checkpointing false, which must drop it, not clash with it)
+        parser.add_class_arguments(ModelCheckpoint, "checkpoint", fail_untyped=False, instantiate=True, sub_configs=True)
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(LogFinalModel, "final_model")
 
     # --- a checkpoint's model must be the config's model -------------------------------------------------
-    def _parse_ckpt_path(self) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # the model the config asks for, before Lightning replaces it with the checkpoint's hyper-parameters
+        sub = self.config.get("subcommand")
+        self._config_model = _model_identity(self.config[sub].get("model")) if sub else None
+
+    def _refuse_checkpoint_of_another_model(self, cfg) -> None:
         """Lightning rebuilds the model from the checkpoint's hyper-parameters (so a checkpoint loads whatever the
         config says); refuse when the checkpoint's objective or network contradicts the config's, instead of
         silently evaluating another model than the one asked for."""
-        sub = self.config.get("subcommand")
-        before = _model_identity(self.config[sub].get("model")) if sub else None
-        super()._parse_ckpt_path()
-        if before is None:
+        before = getattr(self, "_config_model", None)
+        after = _model_identity(cfg.get("model"))
+        if before is None or after is None or after == before:
             return
-        after = _model_identity(self.config[sub].get("model"))
-        if after is not None and after != before:
-            from flowmatch.checkpoints import CheckpointError
+        from flowmatch.checkpoints import CheckpointError
 
-            diffs = [f"{k}: config {before[k]!r}, checkpoint {after[k]!r}" for k in before if before[k] != after.get(k)]
-            raise CheckpointError(f"{self.config[sub].get('ckpt_path')} was trained with another model than this config's: "
-                                  + "; ".join(diffs[:6]) + ". Use the config the checkpoint was trained with.")
+        diffs = [f"{k}: config {before[k]!r}, checkpoint {after[k]!r}" for k in before if before[k] != after.get(k)]
+        raise CheckpointError(f"{cfg.get('ckpt_path')} was trained with another model than this config's: "
+                              + "; ".join(diffs[:6]) + ". Use the config the checkpoint was trained with.")
 
-    # --- before anything is built: the tracking server, and the run a resume continues ------------------
+    # --- before anything is built: the checkpoint's model, the tracking server, the run a resume continues --
     def before_instantiate_classes(self) -> None:
         from flowmatch.tracking.server import TrackingServerError, check_tracking_uri
 
         cfg = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        self._refuse_checkpoint_of_another_model(cfg)
         self._resumed_from = None
         specs = _mlflow_logger_specs(cfg.get("trainer", {}).get("logger"))
         for spec in specs:
@@ -176,32 +187,48 @@ class FlowCLI(LightningCLI):
         spec.init_args.run_id = run_id
         return info
 
-    def _instantiate_trainer(self, config, callbacks):
-        # `--trainer.enable_checkpointing false` must drop the default checkpoint callback, not clash with it
-        if config.get("enable_checkpointing") is False:
-            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
-        configured = config.get("callbacks") or []
-        configured = configured if isinstance(configured, list) else [configured]
-        if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in [*configured, *callbacks]):
-            from flowmatch.tracking.progress import StepProgressBar
-
-            callbacks = [*callbacks, StepProgressBar()]
-        if getattr(self, "_evaluate_ema", False):
-            from flowmatch.callbacks.ema import EMA
-
-            if not any(isinstance(cb, EMA) for cb in [*configured, *callbacks]):
-                callbacks = [*callbacks, EMA()]  # validate / test a checkpoint with its EMA weights by default
-        trainer = super()._instantiate_trainer(config, callbacks)
+    # --- the trainer: the platform's callbacks, atomic checkpoint files ---------------------------------
+    def instantiate_trainer(self, **kwargs):
+        cfg = self.config_init.get(str(self.subcommand), self.config_init) if self.subcommand else self.config_init
+        trainer_config = {**cfg.get("trainer", {}), **kwargs}
+        configured = trainer_config.get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list) else [configured]
+        checkpoint = [cfg["checkpoint"]] if trainer_config.get("enable_checkpointing") is not False else []
+        callbacks = self._platform_callbacks(trainer_config, configured, checkpoint)
+        trainer = super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})  # adds final_model and the config saver
         self._harden_checkpoint_io(trainer)
         for cb in trainer.callbacks:
             if isinstance(cb, MLflowSaveConfig) and getattr(self, "_resumed_from", None) and not self._resumed_from.get("new_run"):
                 cb.resumed_from = self._resumed_from
         return trainer
 
+    def _platform_callbacks(self, trainer_config, configured: list, checkpoint: list) -> list:
+        """The configured callbacks with those every run gets (unless the config has its own of the kind)."""
+        from flowmatch.callbacks.data_match import MatchModelToData
+        from flowmatch.data.health import DataHealthLogger
+
+        def missing(kind) -> bool:
+            return not any(isinstance(cb, kind) for cb in configured)
+
+        out = [MatchModelToData()] if missing(MatchModelToData) else []  # first: the others may need the sample shape
+        out += [*configured, *checkpoint]
+        if trainer_config.get("enable_progress_bar") is not False and missing(ProgressBar):
+            from flowmatch.tracking.progress import StepProgressBar
+
+            out.append(StepProgressBar())
+        if getattr(self, "_evaluate_ema", False):
+            from flowmatch.callbacks.ema import EMA
+
+            if missing(EMA):
+                out.append(EMA())  # validate / test a checkpoint with its EMA weights by default
+        if missing(DataHealthLogger):
+            out.append(DataHealthLogger())
+        return out
+
     @staticmethod
     def _harden_checkpoint_io(trainer) -> None:
         """Atomic writes and safe unpickling for checkpoint files (unless a plugin chose its own IO)."""
-        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+        from lightning.fabric.plugins import TorchCheckpointIO
 
         from flowmatch.checkpoints import AtomicCheckpointIO
 
@@ -221,4 +248,4 @@ class FlowCLI(LightningCLI):
                 print(f"sample it:  python -m flowmatch sample --ckpt {path} --out samples/")
         for logger in self.trainer.loggers:
             if isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero:
-                print(f"MLflow run: {logger.run_id} (experiment {logger.experiment_id}) in {logger._tracking_uri}")
+                print(f"MLflow run: {logger.run_id} (experiment {logger.experiment_id}) in {tracking_uri(logger)}")

@@ -4,40 +4,36 @@ import importlib
 import os
 import sys
 
-USAGE = """usage: python -m flowmatch COMMAND [options]
-
-Train and compare flow-matching generators (flow matching, rectified flow, eps-DDPM).
-
-commands:
-  fit        train a model            python -m flowmatch fit --config experiments/mmdit_d16.yaml   (the main job)
-  validate   SD3 validation loss and sample metrics (FD, caption adherence, W2) of a checkpoint: --config ... --ckpt_path CKPT
-  test       the same on the test split
-  predict    Lightning's predict loop
-  sample     draw samples from a checkpoint: --ckpt CKPT --prompts "a 7" --guidance 1.5 --steps 25 --out samples/
-  import-sd3 convert a local diffusers SD3 transformer directory into a flowmatch checkpoint: DIR --out model.ckpt
-  prepare    images + captions -> latent/caption shards: --source demo --out data/demo
-  compare    HTML report comparing MLflow runs: --experiment NAME --out report/
-  convert-checkpoint  consolidate a DeepSpeed ZeRO checkpoint directory into one file
-  reflow     write (noise, sample) couplings of a trained flow for k-rectified flow: --ckpt CKPT --num-pairs N --out DIR
-  study      run a whole study (variants x seeds, tracked in MLflow) and write docs/results.md: NAME --budget small
-
-`python -m flowmatch COMMAND --help` explains each command's options;
-`python -m flowmatch fit --config X.yaml --print_config` shows the fully resolved config.
-Runs are tracked in MLflow (default store sqlite:///mlflow.db): mlflow ui --backend-store-uri sqlite:///mlflow.db
-"""
-
-LIGHTNING_COMMANDS = {"fit", "validate", "test", "predict"}
-# the platform's own commands: name -> module with main(argv) -> exit code
-OWN_COMMANDS = {
-    "sample": "flowmatch.cli.sample",
-    "import-sd3": "flowmatch.cli.import_sd3",
-    "prepare": "flowmatch.cli.prepare",
-    "compare": "flowmatch.cli.compare",
-    "convert-checkpoint": "flowmatch.cli.convert_checkpoint",
-    "reflow": "flowmatch.cli.reflow",
-    "study": "flowmatch.cli.study",
+# every command: name -> (module with main(argv) -> exit code, or None for LightningCLI's own; one line of help)
+COMMANDS = {
+    "fit": (None, "train a model: --config experiments/mmdit_d16.yaml (the main job)"),
+    "validate": (None, "SD3 validation loss and sample metrics (FD, caption adherence, W2) of a checkpoint: --config X --ckpt_path CKPT"),
+    "test": (None, "the same on the test split"),
+    "predict": (None, "Lightning's predict loop"),
+    "sample": ("flowmatch.cli.sample", "draw samples from a checkpoint: --ckpt CKPT --prompts \"a 7\" --guidance 1.5 --steps 25 --out samples/"),
+    "prepare": ("flowmatch.cli.prepare", "images + captions -> latent/caption shards: --source demo --out data/demo"),
+    "reflow": ("flowmatch.cli.reflow", "write (noise, sample) couplings of a trained flow for k-rectified flow: --ckpt CKPT --num-pairs N --out DIR"),
+    "import-sd3": ("flowmatch.cli.import_sd3", "convert a local diffusers SD3 transformer directory into a flowmatch checkpoint: DIR --out model.ckpt"),
+    "convert-checkpoint": ("flowmatch.cli.convert_checkpoint", "consolidate a DeepSpeed ZeRO checkpoint directory into one file: DIR --out model.ckpt"),
+    "compare": ("flowmatch.cli.compare", "HTML report comparing MLflow runs: --experiment NAME --out report/"),
+    "study": ("flowmatch.cli.study", "run a whole study (variants x seeds, tracked in MLflow) and write docs/results.md: NAME --budget small"),
 }
+LIGHTNING_COMMANDS = {name for name, (module, _) in COMMANDS.items() if module is None}
+OWN_COMMANDS = {name: module for name, (module, _) in COMMANDS.items() if module is not None}
 
+USAGE = "\n".join([
+    "usage: python -m flowmatch COMMAND [options]",
+    "",
+    "Train and compare flow-matching generators (flow matching, rectified flow, eps-DDPM).",
+    "",
+    "commands:",
+    *(f"  {name:<19} {help_line}" for name, (_, help_line) in COMMANDS.items()),
+    "",
+    "`python -m flowmatch COMMAND --help` explains each command's options;",
+    "`python -m flowmatch fit --config X.yaml --print_config` shows the fully resolved config.",
+    "Runs are tracked in MLflow: the store is $MLFLOW_TRACKING_URI, by default sqlite:///mlflow.db",
+    "(browse it with: mlflow ui --backend-store-uri sqlite:///mlflow.db).",
+])
 
 def _quiet_known_warnings() -> None:
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # emitted by Lightning's own calls
@@ -74,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         from flowmatch.cli.lightning_cli import FlowCLI
         from flowmatch.data.health import DataQualityError
         from flowmatch.data.shard_format import ManifestMismatchError, ShardFormatError
-        from flowmatch.objectives.base import NonFiniteLossError
+        from flowmatch.training.divergence import NonFiniteLossError
         from flowmatch.tracking.server import TrackingServerError
 
         try:

@@ -1,4 +1,4 @@
-"""`python -m flowmatch reflow`: draw (noise, sample) couplings from a trained flow, for k-rectified flow (SPEC §5).
+"""`python -m flowmatch reflow`: draw (noise, sample) couplings from a trained flow, for k-rectified flow (docs/spec.md §5).
 
 Fresh noise eps ~ N(0, I) (its own --seed) is integrated by the trained model from t = 1 to t = 0 with
 the chosen solver; the pairs (eps, Z_0(eps)) and, for a class-conditional model, the label each was
@@ -175,9 +175,10 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_grad_enabled(False)
-    from flowmatch.checkpoints import CheckpointError, load_objective
+    from flowmatch.checkpoints import CheckpointError
+    from flowmatch.objectives.loading import load_objective
     from flowmatch.reflow.captions import CaptionSourceError, TrainingCaptions
-    from flowmatch.reflow.couplings import CouplingRunError, generate_couplings, model_is_text_conditioned, model_num_classes
+    from flowmatch.reflow.couplings import CouplingRunError, generate_couplings, model_conditioning, model_is_text_conditioned
     from flowmatch.reflow.format import CouplingFormatError
 
     out = Path(args.out)
@@ -199,7 +200,7 @@ def main(argv: list[str]) -> int:
         else:
             if args.synthetic_caption_prob is not None or args.captions_split != "train":
                 raise ValueError("--synthetic-caption-prob and --captions-split are for text-conditioned models; this checkpoint's model "
-                                 f"takes {'class labels' if model_num_classes(model) else 'no condition'}")
+                                 f"takes {'class labels' if model_conditioning(model).num_classes else 'no condition'}")
             labels = _labels(args.labels, args.data, args.num_pairs)
         source = _source_info(args.ckpt, model)
         manifest = generate_couplings(model, out, args.num_pairs, sampler, seed=args.seed, batch_size=args.batch_size, labels=labels,

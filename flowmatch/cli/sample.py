@@ -100,28 +100,7 @@ def _conditions(model, labels: list[int] | None, num: int):
 def _text_conditioned(net) -> bool:
     """A network that takes the shards' text condition {"pooled", "tokens", "mask"}: one with text tokens
     (MM-DiT, CrossDiT), or a DiT conditioned on a pooled text vector (it uses the dict's "pooled")."""
-    def positive(name: str) -> bool:
-        value = getattr(net, name, None)
-        return isinstance(value, int) and value > 0
-
-    return positive("context_dim") or (positive("pooled_dim") and not positive("num_classes"))
-
-
-def _check_text_fits(net, text, source: str) -> None:
-    """The encoders' widths and token count must be what the network takes."""
-    problems = []
-    for attr, have in (("pooled_dim", text.pooled_dim), ("context_dim", text.context_dim)):
-        want = getattr(net, attr, None)
-        if isinstance(want, int) and want and want != have:
-            problems.append(f"the network's {attr} is {want} but the text encoders give {have}")
-    if len(getattr(net, "token_keys", ("tokens",))) > 1 and getattr(net, "tokens_2_source", None) is None:
-        problems.append("the network takes a second token stream (tokens_2), which prompt encoding does not produce")
-    limit = (getattr(net, "max_text_tokens", None) or (None,))
-    limit = limit[0] if isinstance(limit, tuple) else limit
-    if isinstance(limit, int) and text.context_length > limit:
-        problems.append(f"the encoders give {text.context_length} tokens but the network takes at most {limit} (max_text_tokens)")
-    if problems:
-        raise ValueError(f"the text encoders of {source} do not fit the model: " + "; ".join(problems))
+    return net.conditioning.is_text
 
 
 # --- everything checked and loaded before a file is written -------------------------------------------------
@@ -138,8 +117,9 @@ class Plan:
     prompts: list[str] | None = None
     prompt_cond: dict | None = None  # one row per prompt
     negative_cond: dict | None = None  # one row
-    info: dict | None = None
+    info: dict | None = None  # the data's checkpoint record (flowmatch.data.facts)
     info_source: str | None = None
+    facts: Any = None  # LatentDataFacts: encoders, autoencoder, normalisation
     text: Any = None
     decoder: Any = None
     notes: list[str] = field(default_factory=list)  # warnings shown on stderr and kept in samples.json
@@ -158,20 +138,21 @@ def _check_numbers(args) -> None:
         raise ValueError("give --data_dir or --manifest, not both")
 
 
-def _data_info(args, model) -> tuple[dict | None, str | None]:
-    from flowmatch.data.latent_info import read_info
+def _data_facts(args, model):
+    """(the LatentDataFacts, where they came from): --manifest / --data_dir, else the checkpoint's record; (None, None)."""
+    from flowmatch.data.facts import LatentDataFacts
 
     location = args.manifest or args.data_dir
     if location is not None:
         flag = "--manifest" if args.manifest else "--data_dir"
-        return read_info(location), f"{flag} {location}"
+        return LatentDataFacts.read(location), f"{flag} {location}"
     info = getattr(model, "data_info", None)
-    return (info, "checkpoint") if info else (None, None)
+    return (LatentDataFacts.from_record(info), "checkpoint") if info else (None, None)
 
 
 def plan(args) -> Plan:
     """Validate every option and load model, encoders and decoder; raises ValueError / OSError (nothing written)."""
-    from flowmatch.checkpoints import load_objective
+    from flowmatch.objectives.loading import load_objective
     from flowmatch.sampling.prompts import PromptError, encode_prompts, read_prompts
 
     _check_numbers(args)
@@ -190,11 +171,11 @@ def plan(args) -> Plan:
     text_model = _text_conditioned(net)
     if prompts is not None and not text_model:
         raise PromptError(f"{args.ckpt}: the model ({type(model).__name__} with a {name}) is not text-conditioned; drop --prompts / --prompts_file")
-    info, source = _data_info(args, model)
+    facts, source = _data_facts(args, model)
     shape = tuple(model.sample_shape or ())
-    if info is not None and tuple(info["latent_shape"]) != shape:
-        raise ValueError(f"{source}: the shards hold latents of shape {tuple(info['latent_shape'])} but the model generates {shape}")
-    if info is None:
+    if facts is not None and tuple(facts.sample_shape) != shape:
+        raise ValueError(f"{source}: the shards hold latents of shape {tuple(facts.sample_shape)} but the model generates {shape}")
+    if facts is None:
         if prompts is not None:
             raise PromptError(f"{args.ckpt} records no text encoders or autoencoder (it predates them, or was imported): "
                               "give --data_dir DIR (or --manifest FILE) of the shards the model was trained on")
@@ -204,22 +185,22 @@ def plan(args) -> Plan:
         num = args.num or DEFAULT_NUM["arrays"]
         return Plan("arrays", model, config, num, args.batch_size or DEFAULT_BATCH["arrays"], cond=_conditions(model, args.labels, num))
 
-    from flowmatch.data.latent_info import load_decoder, load_text_encoders
-
     num = args.num or DEFAULT_NUM["prompts" if prompts is not None else "images"]
-    p = Plan("images", model, config, num, args.batch_size or DEFAULT_BATCH["images"], info=info, info_source=source,
-             prompts=prompts, cond=_conditions(model, args.labels, num))
-    p.decoder = load_decoder(info, args.device)
+    p = Plan("images", model, config, num, args.batch_size or DEFAULT_BATCH["images"], info=facts.record(), info_source=source,
+             facts=facts, prompts=prompts, cond=_conditions(model, args.labels, num))
+    p.decoder = facts.load_autoencoder(args.device)
     if text_model:
         if prompts is None:
             p.notes.append("no prompts: sampling unconditionally (the model's null condition)"
                            + ("; --guidance has no effect" if config.guidance != 1 else ""))
             p.config = dataclasses.replace(config, guidance=1.0)
         else:
-            p.text = load_text_encoders(info, args.device)
-            if p.text is None:
+            if not facts.encoder_descriptions:
                 raise PromptError(f"{source} names no text encoders: the model cannot be given prompts")
-            _check_text_fits(net, p.text, source)
+            from flowmatch.networks.conditioning import check_fits
+
+            check_fits(net, facts.conditioning, data_name=f"the text encoders of {source}")
+            p.text = facts.text_encoders.to(args.device)
             from flowmatch.text.encoders import TextTruncationWarning
 
             with warnings.catch_warnings(record=True) as caught:
@@ -235,11 +216,11 @@ def plan(args) -> Plan:
 
 
 # --- generation ----------------------------------------------------------------------------------------------
-def _null_text_condition(info: dict, net, n: int, device) -> dict:
+def _null_text_condition(facts, net, n: int, device) -> dict:
     """The network's unconditional text input for n samples (null pooled vector and null tokens, all unmasked)."""
-    length = info.get("context_length") or 1
-    template = {"pooled": torch.zeros(n, info.get("pooled_dim") or net.pooled_dim, device=device),
-                "tokens": torch.zeros(n, length, info.get("context_dim") or getattr(net, "context_dim", None) or 1, device=device),
+    length = facts.context_length or 1
+    template = {"pooled": torch.zeros(n, facts.pooled_dim or net.pooled_dim, device=device),
+                "tokens": torch.zeros(n, length, facts.context_dim or getattr(net, "context_dim", None) or 1, device=device),
                 "mask": torch.ones(n, length, dtype=torch.bool, device=device)}  # a dropped caption: null tokens, all unmasked
     return net.null_condition(template)
 
@@ -260,7 +241,6 @@ def generate_images(p: Plan, seed: int, device: str) -> tuple[np.ndarray, np.nda
     starts from the same noise, whatever the batch size."""
     from tqdm.auto import tqdm
 
-    from flowmatch.data.latent_info import decode_latents
     from flowmatch.sampling.prompts import select
 
     model, shape = p.model, tuple(p.model.sample_shape)
@@ -277,13 +257,13 @@ def generate_images(p: Plan, seed: int, device: str) -> tuple[np.ndarray, np.nda
         if p.prompt_cond is not None:
             cond = select(p.prompt_cond, idx // p.num)
         elif _text_conditioned(model.net):
-            cond = _null_text_condition(p.info, model.net, n, device)
+            cond = _null_text_condition(p.facts, model.net, n, device)
         else:
             cond = None if p.cond is None else p.cond[lo : lo + n].to(device)
         x, nfe = _generate(model, n, p.config, cond, noise, p.negative_cond)
         nfes.append(nfe)
         latents.append(x.float().cpu())
-        images.append(decode_latents(p.decoder, x.float(), p.info["shift"], p.info["scale"]).cpu())
+        images.append(p.facts.decode(x.float()).cpu())
     return torch.cat(images).numpy(), torch.cat(latents).numpy(), nfes
 
 

@@ -4,7 +4,9 @@
 - flowmatch.data.digits: scikit-learn's digits, upscaled, with original and described captions
 - flowmatch.data.shard_format: the shard and manifest format (docs/data.md)
 - flowmatch.data.prepare: images + captions -> shards (``python -m flowmatch prepare``)
+- flowmatch.data.facts: LatentDataFacts, what a latent data set is (manifest, encoders, autoencoder, normalisation)
 - flowmatch.data.shards: LatentShardDataModule, streaming the shards with webdataset
+- flowmatch.data.reference: the held-out reference batches sample metrics compare with
 """
 
 from flowmatch.data.digits import DigitsImageDataModule

@@ -3,11 +3,12 @@
 Inside a loader worker, :class:`SkipLog` turns each bad sample (missing key, wrong latent shape,
 unreadable array) and each bad shard (truncated or corrupt tar, unreadable URL) into a warning
 that names the shard and key, and counts it. The counts ride along with the next sample out of
-the worker (fields ``_read`` / ``_skipped`` / ``_shard_errors`` of a batch: counted when read, so a
-shuffle buffer that reads ahead does not distort the share), so the data module in the main process sums them (:class:`DataHealth`) whatever the number of workers, removes them from the
+the worker (fields ``_read`` / ``_skipped`` / ``_shard_errors`` of a batch: workers are separate processes,
+and what they yield is the only way back; counted when read, so a shuffle buffer that reads ahead does
+not distort the share), so the data module in the main process sums them (:class:`DataHealth`) whatever the number of workers, removes them from the
 batch before the model sees it, and raises :class:`DataQualityError` once more than
 ``max_bad_fraction`` of what was read was bad. :class:`DataHealthLogger` (added to the trainer by
-the data module) logs ``data/skipped``, ``data/shard_errors`` and ``data/bad_fraction``.
+the CLI, like the progress bar; add it yourself to a Trainer built in Python) logs ``data/skipped``, ``data/shard_errors`` and ``data/bad_fraction``.
 """
 
 from __future__ import annotations

@@ -129,6 +129,65 @@ def _to_autoencoder_channels(images: np.ndarray, channels: int, source: str) -> 
 
 def prepare_shards(cfg: PrepareConfig, log=print) -> dict:
     """Write (or finish writing) the shard set ``cfg.out``; returns the manifest (with a "summary" of this run)."""
+    run = _start(cfg)
+    if run.todo == 0 and (run.out / MANIFEST_NAME).is_file():
+        return _finish(run, json.loads((run.out / MANIFEST_NAME).read_text()), log)
+    autoencoder, latent_shape = _load_autoencoder(cfg, run.source)
+    text = _load_text_encoders(cfg)
+    encode_text = cfg.store_encodings and text is not None
+    _write_shards(run, autoencoder, text if encode_text else None)
+    manifest = _manifest(cfg, run.source, run.splits, run.plan, run.state, autoencoder, latent_shape, text, encode_text)
+    write_manifest(manifest, run.out)
+    return _finish(run, manifest, log)
+
+
+def prepare_once(data_dir: str, source: str) -> None:
+    """Write the shard set in data_dir from ``source`` unless its manifest exists; one process writes, the others wait."""
+    import fcntl
+
+    out = Path(data_dir)
+    if (out / MANIFEST_NAME).is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / MANIFEST_NAME).is_file():
+                print(f"no shards in {out}: writing them from {source!r} (python -m flowmatch prepare --source {source} --out {out})")
+                prepare_shards(PrepareConfig(source=source, out=str(out), progress=os.environ.get("CI") is None))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# --- the steps of prepare_shards --------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One prepare run: its settings, output folder, record of finished shards, source and plan of shards."""
+
+    cfg: PrepareConfig
+    out: Path
+    state: _State
+    source: Source
+    splits: dict[str, list[Record]]
+    plan: dict[str, list[list[Record]]]  # split -> shards -> records
+    start: float
+    written: dict[str, int] = field(default_factory=lambda: {split: 0 for split in SPLITS})
+    no_synthetic: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(len(r) for r in self.splits.values())
+
+    @property
+    def todo(self) -> int:
+        """Samples in shards not finished yet."""
+        return sum(len(recs) for split in SPLITS for k, recs in enumerate(self.plan[split]) if shard_name(split, k) not in self.state.done)
+
+
+def _start(cfg: PrepareConfig) -> _Run:
+    """Check the settings, open the output folder (and its record of finished shards) and plan the shards."""
     start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,101 +197,116 @@ def prepare_shards(cfg: PrepareConfig, log=print) -> dict:
     source: Source = open_source(cfg.source, cfg.size, cfg.channels)
     splits = source.splits(cfg.seed, cfg.val_fraction, cfg.test_fraction, cfg.limit)
     plan = {split: _shards_of(splits[split], cfg.shard_size) for split in SPLITS}
-    todo = sum(len(recs) for split in SPLITS for k, recs in enumerate(plan[split]) if shard_name(split, k) not in state.done)
-    if todo == 0 and (out / MANIFEST_NAME).is_file():
-        manifest = json.loads((out / MANIFEST_NAME).read_text())
-        summary = {"written": {split: 0 for split in SPLITS}, "skipped_finished": sum(len(r) for r in splits.values()),
-                   "no_synthetic_caption": 0, "seconds": round(time.time() - start, 1)}
-        _print_summary(log, out, manifest, summary)
-        return {**manifest, "summary": summary}
+    return _Run(cfg, out, state, source, splits, plan, start)
 
+
+def _load_autoencoder(cfg: PrepareConfig, source: Source):
+    """The autoencoder (on cfg.device, eval mode) and the latent shape of the source's images."""
     ae_spec: str | dict = cfg.autoencoder
     if isinstance(ae_spec, str) and ae_spec.split(":")[0] in ("s2d", "space_to_depth"):
         factor = int(ae_spec.split(":")[1]) if ":" in ae_spec else 4
         ae_spec = {"kind": "space_to_depth", "factor": factor, "image_channels": source.channels}
     autoencoder = load_autoencoder(ae_spec).to(cfg.device).eval()
-    latent_shape = autoencoder.latent_shape((source.size, source.size))
+    return autoencoder, autoencoder.latent_shape((source.size, source.size))
 
+
+def _load_text_encoders(cfg: PrepareConfig):
+    """The text encoder stack on cfg.device (None without encoders)."""
     from flowmatch.text.encoders import build_text_encoders
 
     text = build_text_encoders(cfg.text_encoders or None, cfg.max_length)
-    if text is not None:
-        text = text.to(cfg.device)
-    encode_text = cfg.store_encodings and text is not None
+    return text.to(cfg.device) if text is not None else None
 
+
+def _unfinished_runs(split: str, num_shards: int, done: dict) -> list[tuple[int, int]]:
+    """(first, end) of each run of consecutive shards of a split that are not finished."""
+    runs, k = [], 0
+    while k < num_shards:
+        if shard_name(split, k) in done:
+            k += 1
+            continue
+        end = k
+        while end < num_shards and shard_name(split, end) not in done:
+            end += 1
+        runs.append((k, end))
+        k = end
+    return runs
+
+
+def _write_shards(run: _Run, autoencoder, text) -> None:
+    """Write every unfinished shard (``text``: the encoders whose encodings are stored, or None)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(len(r) for r in splits.values()), desc=f"prepare {out}", unit="img", disable=not cfg.progress, dynamic_ncols=True)
-    bar.update(sum(len(r) for r in splits.values()) - todo)
-    written = {split: 0 for split in SPLITS}
-    no_synthetic = 0
-
-    import webdataset as wds
-
+    bar = tqdm(total=run.total, desc=f"prepare {run.out}", unit="img", disable=not run.cfg.progress, dynamic_ncols=True)
+    bar.update(run.total - run.todo)
     for split in SPLITS:
-        shards = plan[split]
-        k = 0
-        while k < len(shards):
-            if shard_name(split, k) in state.done:
-                k += 1
-                continue
-            run_end = k
-            while run_end < len(shards) and shard_name(split, run_end) not in state.done:
-                run_end += 1
-            files: dict[str, object] = {}
-            pending: dict[str, dict] = {}
-
-            def opener(fname: str, files=files):
-                files[fname] = open(fname + ".partial", "wb")
-                return files[fname]
-
-            def post(fname: str, files=files, pending=pending):
-                files.pop(fname).close()
-                os.replace(fname + ".partial", fname)
-                state.done[Path(fname).name] = pending.pop(fname)
-                state.save()
-
-            pattern = str(out / f"{split}-%06d.tar")
-            # an integer mtime keeps tar headers plain ustar (a float one adds a pax header to every member: 2x slower to read)
-            writer = wds.ShardWriter(pattern, maxcount=cfg.shard_size, maxsize=float("inf"), start_shard=k, verbose=0, opener=opener, post=post,
-                                     mtime=int(start))
-            finished = False
-            try:
-                for shard in range(k, run_end):
-                    recs = shards[shard]
-                    first = shard * cfg.shard_size
-                    latents = _encode_images(autoencoder, source, recs, cfg)
-                    encodings = _encode_captions(text, recs, cfg) if encode_text else None
-                    for j, rec in enumerate(recs):
-                        index = first + j
-                        meta = {"index": index, "size": [source.size, source.size], "channels": source.channels, "source": rec.source}
-                        if rec.label is not None:
-                            meta["label"] = rec.label
-                        enc = None
-                        if encodings is not None:
-                            enc = {which: tuple(None if a is None else a[j] for a in arrays) for which, arrays in encodings.items()}
-                        writer.write(encode_sample(sample_key(split, index), latents[j], rec.caption, rec.caption_syn, meta, enc))
-                        no_synthetic += not rec.has_synthetic
-                    lat = latents.astype(np.float64)
-                    pending[str(out / shard_name(split, shard))] = {"count": len(recs), "sum": float(lat.sum()), "sumsq": float((lat**2).sum()), "numel": int(lat.size)}
-                    written[split] += len(recs)
-                    bar.update(len(recs))
-                finished = True
-            finally:
-                if not finished:  # an interrupted shard stays NAME.partial, unrecorded: the next run redoes it
-                    writer.post = None
-                writer.close()  # finishes (and records) the last shard of the run
-                for f in files.values():
-                    f.close()
-            k = run_end
+        for first, end in _unfinished_runs(split, len(run.plan[split]), run.state.done):
+            _write_run(run, split, first, end, autoencoder, text, bar)
     bar.close()
 
-    manifest = _manifest(cfg, source, splits, plan, state, autoencoder, latent_shape, text, encode_text)
-    write_manifest(manifest, out)
-    seconds = time.time() - start
-    summary = {"written": written, "skipped_finished": sum(len(r) for r in splits.values()) - sum(written.values()),
-               "no_synthetic_caption": no_synthetic, "seconds": round(seconds, 1)}
-    _print_summary(log, out, manifest, summary)
+
+def _write_run(run: _Run, split: str, first: int, end: int, autoencoder, text, bar) -> None:
+    """Write shards first..end-1 of a split with one ShardWriter: each as NAME.partial, renamed and recorded when complete."""
+    import webdataset as wds
+
+    files: dict[str, object] = {}
+    pending: dict[str, dict] = {}
+
+    def opener(fname: str):
+        files[fname] = open(fname + ".partial", "wb")
+        return files[fname]
+
+    def post(fname: str):
+        files.pop(fname).close()
+        os.replace(fname + ".partial", fname)
+        run.state.done[Path(fname).name] = pending.pop(fname)
+        run.state.save()
+
+    pattern = str(run.out / f"{split}-%06d.tar")
+    # an integer mtime keeps tar headers plain ustar (a float one adds a pax header to every member: 2x slower to read)
+    writer = wds.ShardWriter(pattern, maxcount=run.cfg.shard_size, maxsize=float("inf"), start_shard=first, verbose=0, opener=opener,
+                             post=post, mtime=int(run.start))
+    finished = False
+    try:
+        for shard in range(first, end):
+            pending[str(run.out / shard_name(split, shard))] = _write_shard(run, writer, split, shard, autoencoder, text)
+            bar.update(len(run.plan[split][shard]))
+        finished = True
+    finally:
+        if not finished:  # an interrupted shard stays NAME.partial, unrecorded: the next run redoes it
+            writer.post = None
+        writer.close()  # finishes (and records) the last shard of the run
+        for f in files.values():
+            f.close()
+
+
+def _write_shard(run: _Run, writer, split: str, shard: int, autoencoder, text) -> dict:
+    """Encode one shard's images (and captions) and write its samples; returns its record (count and latent sums)."""
+    cfg, source = run.cfg, run.source
+    recs = run.plan[split][shard]
+    first = shard * cfg.shard_size
+    latents = _encode_images(autoencoder, source, recs, cfg)
+    encodings = _encode_captions(text, recs, cfg) if text is not None else None
+    for j, rec in enumerate(recs):
+        index = first + j
+        meta = {"index": index, "size": [source.size, source.size], "channels": source.channels, "source": rec.source}
+        if rec.label is not None:
+            meta["label"] = rec.label
+        enc = None
+        if encodings is not None:
+            enc = {which: tuple(None if a is None else a[j] for a in arrays) for which, arrays in encodings.items()}
+        writer.write(encode_sample(sample_key(split, index), latents[j], rec.caption, rec.caption_syn, meta, enc))
+        run.no_synthetic += not rec.has_synthetic
+    run.written[split] += len(recs)
+    lat = latents.astype(np.float64)
+    return {"count": len(recs), "sum": float(lat.sum()), "sumsq": float((lat**2).sum()), "numel": int(lat.size)}
+
+
+def _finish(run: _Run, manifest: dict, log) -> dict:
+    """Print the summary of the run; the manifest with it."""
+    summary = {"written": run.written, "skipped_finished": run.total - sum(run.written.values()),
+               "no_synthetic_caption": run.no_synthetic, "seconds": round(time.time() - run.start, 1)}
+    _print_summary(log, run.out, manifest, summary)
     return {**manifest, "summary": summary}
 
 
@@ -316,4 +390,4 @@ def _print_summary(log, out: Path, manifest: dict, summary: dict) -> None:
         log(f"note: {summary['no_synthetic_caption']} samples had no synthetic caption; their original caption stands in for it")
 
 
-__all__ = ["PrepareConfig", "PrepareError", "SourceError", "prepare_shards"]
+__all__ = ["PrepareConfig", "PrepareError", "SourceError", "prepare_once", "prepare_shards"]

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from flowmatch.networks.conditioning import ConditioningMismatchError
+
 FORMAT_NAME = "flowmatch-latent-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -55,7 +57,7 @@ class ShardFormatError(ValueError):
     """A shard, sample or manifest that does not follow the format; the message names the file and key."""
 
 
-class ManifestMismatchError(ValueError):
+class ManifestMismatchError(ConditioningMismatchError):
     """The shard set does not fit the model (channels, size, text dimensions); names the manifest and the field."""
 
 

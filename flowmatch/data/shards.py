@@ -9,23 +9,24 @@
     -> batch {"x0": (B, C, h, w) normalised latents, "cond": {"pooled", "tokens", "mask"}, "caption": [...],
               "synthetic": bool (B,), "key": [...], "label": int64 (B,) when known}
 
-Latents are normalised as (z - shift) * scale with the manifest's numbers; ``decode`` undoes that and
-runs the autoencoder's decoder. Shards without text encodings (or a data module given its own
-``text_encoders``) get the captions encoded on the batch's device after transfer (the encoders run
-in the main process, once, not in every worker).
+The data module only streams: it splits the shards over nodes, ranks and workers, mixes captions and
+counts bad samples. What the data *is* (manifest, text encoders, autoencoder, the normalisation
+(z - shift) * scale) is its ``facts`` (flowmatch.data.facts), read from the manifest on first use;
+``prepare_data`` writes the built-in demo when asked. Shards without text encodings (or a data module
+given its own ``text_encoders``) get the captions encoded by the facts' encoders on the batch's device
+after transfer (in the main process, once, not in every worker). Reference batches for sample metrics
+come from flowmatch.data.reference; the check that the model fits the data is
+flowmatch.callbacks.data_match.MatchModelToData (added by the CLI).
 
 Bad data (see flowmatch.data.health): a truncated / corrupt tar, a sample with a missing key or a
 latent of the wrong shape is skipped with a warning naming shard and key, counted, logged as
-``data/skipped`` / ``data/shard_errors``; more than ``max_bad_fraction`` bad stops the run with
-DataQualityError. A shard set that does not fit the model (channels, size, text widths) fails in
-``setup``, before the first step.
+``data/skipped`` / ``data/shard_errors`` (by DataHealthLogger, added by the CLI); more than
+``max_bad_fraction`` bad stops the run with DataQualityError.
 """
 
 from __future__ import annotations
 
-import fcntl
 import math
-import os
 import random
 import zlib
 from pathlib import Path
@@ -35,9 +36,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from flowmatch.data import reference
 from flowmatch.data.captions import use_synthetic
-from flowmatch.data.health import DataHealth, DataHealthLogger, DataQualityError, SkipLog
+from flowmatch.data.facts import LatentDataFacts
+from flowmatch.data.health import DataHealth, DataQualityError, SkipLog
 from flowmatch.data.tar_reader import tar_samples
+from flowmatch.networks.conditioning import ConditioningSpec
 from flowmatch.data.shard_format import (
     MANIFEST_NAME,
     SPLITS,
@@ -91,7 +95,11 @@ class _RankWorkerSeed:
 
 
 def collate(items: list[dict]) -> dict:
-    """Items (one per sample) -> the batch dict; the ``_read`` / ``_skipped`` / ``_shard_errors`` counts are summed."""
+    """Items (one per sample) -> the batch dict; the ``_read`` / ``_skipped`` / ``_shard_errors`` counts are summed.
+
+    The health counts travel inside the batches because loader workers are separate processes: a
+    worker's counts reach the main process only with what it yields. The data module takes them out
+    (``on_before_batch_transfer``) before the model sees the batch."""
     batch = {
         "x0": torch.stack([it["x0"] for it in items]),
         "caption": [it["caption"] for it in items],
@@ -334,6 +342,9 @@ class LatentShardDataModule(lightning.LightningDataModule):
     Batches: ``{"x0": float32 (B, C, h, w) normalised latents, "cond": {"pooled": (B, P), "tokens": (B, L, D),
     "mask": bool (B, L)}, "caption": list[str], "synthetic": bool (B,), "key": list[str], "label": int64 (B,)}``
     ("label" only when every sample has one).
+
+    The constructor reads nothing: ``prepare_data`` writes the built-in demo when asked (``prepare_source``),
+    and the manifest is read on first use (``facts``, at ``setup`` at the latest).
     """
 
     def __init__(
@@ -380,9 +391,9 @@ class LatentShardDataModule(lightning.LightningDataModule):
             max_bad_fraction: stop with DataQualityError when more than this share of the read samples was bad.
             bad_check_after: samples to read before the share is judged (a few early bad samples do not stop a run).
             pin_memory: pin batches in page-locked memory (only when CUDA is available).
-            autoencoder: the autoencoder for ``decode`` (a spec of flowmatch.autoencoders); default: the manifest's.
-            prepare_source: write the shards first (``prepare --source SOURCE --out data_dir``) when data_dir has no
-                manifest, e.g. "demo"; the first process to get there writes, the others wait.
+            autoencoder: the autoencoder that decodes the latents (a spec of flowmatch.autoencoders); default: the manifest's.
+            prepare_source: write the shards first (``prepare --source SOURCE --out data_dir``) in ``prepare_data``
+                when data_dir has no manifest, e.g. "demo"; the first process to get there writes, the others wait.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -396,46 +407,61 @@ class LatentShardDataModule(lightning.LightningDataModule):
         self.resampled, self.synthetic_prob, self.seed = resampled, synthetic_caption_prob, seed
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.health = DataHealth(max_bad_fraction, bad_check_after)
-
-        if data_dir is not None and prepare_source is not None and manifest is None:
-            _prepare_once(data_dir, prepare_source)
         self.manifest_location = self._locate_manifest(shards, data_dir, manifest)
-        self.manifest, self._base = read_manifest(self.manifest_location)
-        self.spec = SampleSpec(self.manifest)
-        latent = self.manifest["latent"]
-        self.shift, self.scale = float(latent["shift"]), float(latent["scale"])
+        self._facts: LatentDataFacts | None = None
+        self._urls: dict[str, list[str]] | None = None
 
-        self._urls = {
-            "train": _expand(shards) or self._manifest_urls("train"),
-            "val": _expand(val_shards) or self._manifest_urls("val"),
-            "test": _expand(test_shards) or self._manifest_urls("test"),
-        }
-        if not self._urls["train"]:
-            raise ShardFormatError(f"no training shards: give shards=... or a manifest with a train split ({self.manifest_location})")
-        self._counts = self._shard_counts()
+    # ---- preparation and the facts of the data ----
+    def prepare_data(self) -> None:
+        """Write the shard set from ``prepare_source`` into ``data_dir`` if it has no manifest yet (Lightning calls
+        this once per node, before ``setup``)."""
+        hp = self.hparams
+        if hp.data_dir is not None and hp.prepare_source is not None and hp.manifest is None:
+            from flowmatch.data.prepare import prepare_once
 
-        # text: stored encodings, or encoders run on the fly
-        self._text = None
-        self._prompt_text = None  # the manifest's encoders, loaded on first use to encode new captions (prompts)
-        specs, lengths = text_encoders, None
-        if specs is None and not self.spec.encodings:
-            if not (self.manifest.get("text") or {}).get("encoders"):
-                raise ShardFormatError(f"{self.manifest_location}: the shards hold no text encodings and name no encoders: give text_encoders=[...]")
-            specs, lengths = self._manifest_encoders()
-        if specs:
-            from flowmatch.text.encoders import build_text_encoders
+            prepare_once(hp.data_dir, hp.prepare_source)
 
-            self._text = build_text_encoders(specs, lengths)
-        self._autoencoder = None
+    @property
+    def facts(self) -> LatentDataFacts:
+        """Manifest, sample shape, text encoders, autoencoder and normalisation of the shards (read on first use)."""
+        if self._facts is None:
+            self._facts = self._read_facts()
+        return self._facts
 
-    def _manifest_encoders(self) -> tuple[list[str], list[int | None]]:
-        """The text encoders the manifest names (specs, max_lengths): those that wrote the shards' encodings."""
-        encoders = (self.manifest.get("text") or {}).get("encoders", [])
-        if not encoders:
-            raise ShardFormatError(f"{self.manifest_location}: the manifest names no text encoders: give text_encoders=[...]")
-        return [e["path"] for e in encoders], [e.get("max_length") for e in encoders]
+    def _read_facts(self) -> LatentDataFacts:
+        hp = self.hparams
+        try:
+            manifest, base = read_manifest(self.manifest_location)
+        except ShardFormatError as err:
+            if hp.prepare_source is not None and hp.manifest is None:
+                raise ShardFormatError(f"{err} (or call prepare_data(), which writes it from {hp.prepare_source!r}; "
+                                       "Lightning calls it before setup)") from None
+            raise
+        facts = LatentDataFacts.from_manifest(manifest, self.manifest_location, base, hp.text_encoders, hp.autoencoder)
+        if not facts.stores_encodings and hp.text_encoders is None and not (manifest.get("text") or {}).get("encoders"):
+            raise ShardFormatError(f"{self.manifest_location}: the shards hold no text encodings and name no encoders: give text_encoders=[...]")
+        return facts
 
-    # ---- manifest and shard lists ----
+    @property
+    def manifest(self) -> dict:
+        return self.facts.manifest
+
+    @property
+    def spec(self) -> SampleSpec:
+        """What every sample must look like (from the manifest)."""
+        return SampleSpec(self.manifest)
+
+    @property
+    def conditioning(self) -> ConditioningSpec:
+        """What the batches' "cond" is: the text encodings (pooled vector and tokens) the facts describe."""
+        return self.facts.conditioning
+
+    @property
+    def sample_shape(self) -> list[int]:
+        """(C, h, w) of one latent."""
+        return self.facts.sample_shape
+
+    # ---- shard lists ----
     @staticmethod
     def _locate_manifest(shards, data_dir, manifest) -> str:
         if manifest is not None:
@@ -452,16 +478,26 @@ class LatentShardDataModule(lightning.LightningDataModule):
             raise ShardFormatError(f"cannot guess the manifest of {first!r}: give manifest=PATH_OR_URL")
         return first.rsplit("/", 1)[0] + "/" + MANIFEST_NAME
 
+    def urls(self, split: str) -> list[str]:
+        """The shard URLs of a split: those given (shards=, val_shards=, test_shards=), else the manifest's."""
+        if self._urls is None:
+            given = {"train": self.hparams.shards, "val": self.hparams.val_shards, "test": self.hparams.test_shards}
+            self._urls = {s: _expand(given[s]) or self._manifest_urls(s) for s in SPLITS}
+            if not self._urls["train"]:
+                raise ShardFormatError(f"no training shards: give shards=... or a manifest with a train split ({self.manifest_location})")
+        return self._urls[split]
+
     def _join(self, name: str) -> str:
-        if _is_url(self._base):
-            return self._base.rstrip("/") + "/" + name
-        return str(Path(self._base) / name)
+        base = self.facts.base
+        if _is_url(base):
+            return base.rstrip("/") + "/" + name
+        return str(Path(base) / name)
 
     def _manifest_urls(self, split: str) -> list[str]:
         return [self._join(n) for n in self.manifest["splits"].get(split, {}).get("shards", [])]
 
     def _shard_counts(self) -> dict[str, int]:
-        """Samples per shard URL, from the manifest (by file name); shards it does not name are left out."""
+        """Samples per shard file name, from the manifest; shards it does not name are left out."""
         counts: dict[str, int] = {}
         for split in SPLITS:
             info = self.manifest["splits"].get(split, {})
@@ -471,80 +507,31 @@ class LatentShardDataModule(lightning.LightningDataModule):
 
     def num_samples(self, split: str) -> int | None:
         """Samples in a split's shards, from the manifest (None if a shard is not in it)."""
+        counts = self._shard_counts()
         total = 0
-        for url in self._urls[split]:
+        for url in self.urls(split):
             name = url.rsplit("/", 1)[-1]
-            if name not in self._counts:
+            if name not in counts:
                 return None
-            total += self._counts[name]
+            total += counts[name]
         return total
 
     def _check_local_shards(self, split: str) -> None:
-        missing = [u for u in self._urls[split] if not _is_url(u) and not Path(u.removeprefix("file:")).is_file()]
+        missing = [u for u in self.urls(split) if not _is_url(u) and not Path(u.removeprefix("file:")).is_file()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} {split} shard(s) missing, e.g. {missing[0]} (manifest {self.manifest_location})")
 
-    # ---- facts the CLI links into the model ----
-    @property
-    def sample_shape(self) -> list[int]:
-        """(C, h, w) of one latent."""
-        return [int(v) for v in self.manifest["latent"]["shape"]]
-
-    @property
-    def num_channels(self) -> int:
-        return self.sample_shape[0]
-
-    @property
-    def pooled_dim(self) -> int:
-        return self._text.pooled_dim if self._text is not None else self.spec.pooled_dim
-
-    @property
-    def context_dim(self) -> int:
-        return self._text.context_dim if self._text is not None else self.spec.context_dim
-
-    @property
-    def context_length(self) -> int:
-        return self._text.context_length if self._text is not None else self.spec.context_length
-
-    @property
-    def conditional(self) -> bool:
-        return False  # text-conditioned, not class-conditioned: cond is the text dict, not the label
-
     # ---- Lightning hooks ----
     def setup(self, stage: str | None = None) -> None:
+        """Read the manifest and check that the stage's local shards exist (and that on-the-fly encoders load)."""
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", SPLITS)
         for split in splits:
             self._check_local_shards(split)
-        trainer = self._trainer_or_none()
-        if trainer is None:
-            return
-        if trainer.lightning_module is not None:
-            self.check_model(trainer.lightning_module)
-        if not any(isinstance(cb, DataHealthLogger) for cb in trainer.callbacks):
-            trainer.callbacks.append(DataHealthLogger())
+        if self.facts.encodes_on_the_fly:
+            self.facts.text_encoders  # noqa: B018 - load them now: a bad encoder path fails before the first step
 
     def _trainer_or_none(self):
         return getattr(self, "trainer", None)
-
-    def check_model(self, module) -> None:
-        """Raise ManifestMismatchError (naming the manifest) if the shards do not fit the model's network."""
-        net = getattr(module, "net", module)
-        c, h, w = self.sample_shape
-        problems = []
-        checks = (("in_channels", c, "latent channels (latent.shape[0])"), ("pooled_dim", self.pooled_dim, "text.pooled_dim"),
-                  ("context_dim", self.context_dim, "text.context_dim"))
-        for attr, have, what in checks:
-            want = getattr(net, attr, None)
-            if isinstance(want, int) and want != have:
-                problems.append(f"the network's {attr} is {want} but the shards' {what} is {have}")
-        patch = getattr(net, "patch_size", None)
-        if isinstance(patch, int) and (h % patch or w % patch):
-            problems.append(f"latent size {h}x{w} is not divisible by the network's patch_size {patch}")
-        shape = getattr(module, "sample_shape", None)
-        if shape is not None and tuple(shape) != (c, h, w):
-            problems.append(f"the model generates samples of shape {tuple(shape)} but the shards hold latents of shape {(c, h, w)}")
-        if problems:
-            raise ManifestMismatchError(f"shard set {self.manifest_location} does not fit the model: " + "; ".join(problems))
 
     def _rank(self) -> tuple[int, int]:
         trainer = self._trainer_or_none()
@@ -562,12 +549,12 @@ class LatentShardDataModule(lightning.LightningDataModule):
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
         workers = self.num_workers if num_workers is None else num_workers
-        urls = self._urls[split]
+        urls = self.urls(split)
         if not urls:
             raise ShardFormatError(f"no {split} shards (manifest {self.manifest_location})")
-        use_enc = self.spec.encodings and self._text is None
-        common = dict(spec=self.spec, shift=self.shift, scale=self.scale, rank=rank, world_size=world_size, seed=self.seed,
-                      synthetic_prob=self.synthetic_prob, use_encodings=use_enc)
+        facts = self.facts
+        common = dict(spec=self.spec, shift=facts.shift, scale=facts.scale, rank=rank, world_size=world_size, seed=self.seed,
+                      synthetic_prob=self.synthetic_prob, use_encodings=facts.stores_encodings)
         if split == "train":
             n = self.num_samples("train")
             steps = self.steps_per_epoch
@@ -611,7 +598,7 @@ class LatentShardDataModule(lightning.LightningDataModule):
         return "test" if trainer.testing else "val"
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Take the skip counts out of the batch, add them up, stop if too much was bad."""
+        """Take the skip counts out of the batch, add them up, stop if too much was bad (flowmatch.data.health)."""
         if isinstance(batch, dict) and "_skipped" in batch:
             stage = self._stage()
             read, skipped, errors = (int(batch.pop(k)) for k in ("_read", "_skipped", "_shard_errors"))
@@ -626,76 +613,23 @@ class LatentShardDataModule(lightning.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Encode the captions on the batch's device when the shards' encodings are not used."""
-        if self._text is not None and isinstance(batch, dict) and "caption" in batch:
-            batch["cond"] = self.encode_captions(batch["caption"], device=batch["x0"].device)
+        if self.facts.encodes_on_the_fly and isinstance(batch, dict) and "caption" in batch:
+            batch["cond"] = self.facts.encode(batch["caption"], device=batch["x0"].device)
         return batch
 
-    def encode_captions(self, captions: list[str], device: torch.device | str = "cpu") -> dict:
-        """The conditioning dict of a list of captions: with the on-the-fly text encoders, or (shards with stored
-        encodings) with the encoders the manifest names, loaded on first use, so new captions match the stored ones."""
-        text = self._text
-        if text is None:
-            if self._prompt_text is None:
-                from flowmatch.text.encoders import build_text_encoders
-
-                self._prompt_text = build_text_encoders(*self._manifest_encoders()).eval()
-            text = self._prompt_text
-        text.to(device)
-        return text.encode(list(captions)).as_cond()
-
-    # ---- decoding and reference data ----
-    @property
-    def autoencoder(self):
-        if self._autoencoder is None:
-            from flowmatch.autoencoders.base import load_autoencoder
-
-            self._autoencoder = load_autoencoder(self.hparams.autoencoder or self.manifest["autoencoder"]["spec"]).eval()
-        return self._autoencoder
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (B, C, h, w) -> images (B, C_img, H, W) in [-1, 1]: un-normalise, then the autoencoder's decoder."""
-        from flowmatch.data.latent_info import decode_latents
-
-        return decode_latents(self.autoencoder, latents, self.shift, self.scale)
-
+    # ---- what sample metrics ask of any data module (the same methods as Toy2DDataModule's and
+    # CouplingDataModule's); the work is done by flowmatch.data.reference and the facts ----
     def reference_batch(self, n: int, split: str = "val") -> dict:
-        """The first ``n`` samples of a split (in shard order, fixed captions) as one batch, the same on every call."""
-        loader = self.dataloader(split, rank=0, world_size=1, num_workers=0)
-        loader.sizes = None
-        loader.batch_size = n
-        for batch in loader:
-            for k in ("_read", "_skipped", "_shard_errors"):
-                batch.pop(k)
-            if self._text is not None:
-                batch["cond"] = self.encode_captions(batch["caption"])
-            return batch
-        raise ShardFormatError(f"the {split} split yielded no samples")
+        return reference.reference_batch(self, n, split)
 
     def reference_samples(self, n: int, split: str = "val", return_labels: bool = False):
-        """``n`` held-out normalised latents (n, C, h, w) (and labels) for sample metrics in latent space."""
-        batch = self.reference_batch(n, split)
-        labels = batch.get("label", torch.full((batch["x0"].shape[0],), -1, dtype=torch.int64))
-        return (batch["x0"], labels) if return_labels else batch["x0"]
+        return reference.reference_samples(self, n, split, return_labels)
 
     def reference_images(self, n: int, split: str = "val") -> torch.Tensor:
-        """``n`` held-out images (n, C_img, H, W) in [-1, 1], decoded from the split's latents, for image metrics."""
-        return self.decode(self.reference_batch(n, split)["x0"])
+        return reference.reference_images(self, n, split)
 
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.facts.decode(latents)
 
-def _prepare_once(data_dir: str, source: str) -> None:
-    """Write the shard set in data_dir from ``source`` unless its manifest exists; one process writes, the others wait."""
-    out = Path(data_dir)
-    if (out / MANIFEST_NAME).is_file():
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".prepare.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (out / MANIFEST_NAME).is_file():
-                from flowmatch.data.prepare import PrepareConfig, prepare_shards
-
-                print(f"no shards in {out}: writing them from {source!r} (python -m flowmatch prepare --source {source} --out {out})")
-                prepare_shards(PrepareConfig(source=source, out=str(out), progress=os.environ.get("CI") is None))
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    def encode_captions(self, captions: list[str], device: torch.device | str = "cpu") -> dict:
+        return self.facts.encode(captions, device)

@@ -19,7 +19,7 @@ target            definition                                                  la
 
 Each sampler draws from a ``numpy.random.Generator``; :func:`sample_target` seeds it, so a
 (name, n, seed) triple always gives the same points. The time convention of the platform
-(t = 0 data, t = 1 noise, SPEC §1) means these points are the ``x0`` of a batch.
+(t = 0 data, t = 1 noise, docs/spec.md §1) means these points are the ``x0`` of a batch.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from sklearn.datasets import make_moons, make_swiss_roll
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from flowmatch.networks.conditioning import ConditioningSpec
 
 # A sampler maps (n, rng) to (points float (n, 2), integer labels (n,)) as numpy arrays.
 Sampler = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
@@ -287,6 +289,11 @@ class Toy2DDataModule(ResumableDataPosition, lightning.LightningDataModule):
     def num_classes(self) -> int:
         """Number of label values when conditional, else 0 (an unconditional model)."""
         return TARGET_NUM_CLASSES[self.target] if self.conditional else 0
+
+    @property
+    def conditioning(self) -> ConditioningSpec:
+        """What the batches' "cond" is: class labels when conditional, else nothing."""
+        return ConditioningSpec(num_classes=self.num_classes)
 
     # ---- data ----
 

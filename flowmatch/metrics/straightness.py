@@ -1,4 +1,4 @@
-"""Straightness of a flow's ODE paths (Rectified Flow, Liu et al. 2022; SPEC §5).
+"""Straightness of a flow's ODE paths (Rectified Flow, Liu et al. 2022; docs/spec.md §5).
 
     S(Z) = integral_0^1 E || (Z_1 - Z_0) - dZ_t/dt ||^2 dt
 

@@ -21,33 +21,21 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from flowmatch.networks.dit import resolve_size
+from flowmatch.networks.conditioning import ConditioningSpec
+from flowmatch.networks.dit import dit_trunk_args
 from flowmatch.networks.layers import (
     ConditionDropout,
     CrossAttention,
-    FinalLayer,
     Mlp,
-    PatchEmbed,
     SelfAttention,
-    SinCosPosEmbed2D,
-    TimestepEmbedder,
     VectorEmbedder,
-    check_latents,
     check_mask,
-    check_pooled,
-    check_timesteps,
-    check_tokens,
-    drop_tokens,
-    init_linears_xavier,
     modulate,
-    num_params,
     param_dtype,
-    require_keys,
-    unpatchify,
-    zero_init,
 )
+from flowmatch.networks.text_condition import TextStream, check_text, drop_text, null_text, require_text, text_spec
+from flowmatch.networks.trunk import PatchTransformer
 
 
 class CrossDiTBlock(nn.Module):
@@ -72,7 +60,7 @@ class CrossDiTBlock(nn.Module):
         return x
 
 
-class CrossDiT(nn.Module):
+class CrossDiT(PatchTransformer):
     """DiT + cross-attention to text tokens, called as ``net(z, t, cond)`` with the dict in this module's docstring."""
 
     def __init__(
@@ -113,96 +101,51 @@ class CrossDiT(nn.Module):
             gradient_checkpointing: recompute block activations in the backward pass to save memory.
             max_text_tokens: refuse cond["tokens"] longer than this many tokens (None: no limit).
         """
-        super().__init__()
         if max_text_tokens is not None and max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be a positive number of tokens or None (no limit), got {max_text_tokens}")
-        depth, hidden_size, num_heads = resolve_size(size, depth, hidden_size, num_heads)
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        self.depth, self.hidden_size, self.num_heads, self.patch_size = depth, hidden_size, num_heads, patch_size
-        self.in_channels, self.out_channels = in_channels, out_channels or in_channels
+        super().__init__(in_channels=in_channels, out_channels=out_channels, gradient_checkpointing=gradient_checkpointing,
+                         **dit_trunk_args(size, depth, hidden_size, num_heads, patch_size, input_size))
         self.pooled_dim, self.context_dim = pooled_dim, context_dim
         self.input_size, self.max_text_tokens = input_size, max_text_tokens
-        self.gradient_checkpointing = gradient_checkpointing
 
-        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
-        self.pos_embed = SinCosPosEmbed2D(hidden_size, input_size // patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = VectorEmbedder(pooled_dim, hidden_size) if pooled_dim else None
+        d = self.hidden_size
+        self.y_embedder = VectorEmbedder(pooled_dim, d) if pooled_dim else None
         self.pooled_dropout = ConditionDropout(pooled_dim, cond_drop_prob, learned_null) if pooled_dim else None
-        self.context_embedder = nn.Linear(context_dim, hidden_size)
+        self.context_embedder = nn.Linear(context_dim, d)
         self.tokens_dropout = ConditionDropout(context_dim, cond_drop_prob, learned_null)
-        self.blocks = nn.ModuleList(CrossDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """DiT's init: xavier linears, N(0, 0.02) timestep MLP, zero adaLN modulation and final layer."""
-        init_linears_xavier(self)
-        self.x_embedder.reset_parameters()
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            zero_init(block.adaLN_modulation[-1])
-        self.final_layer.reset_parameters()
-
-    def num_params(self, trainable_only: bool = False) -> int:
-        """Number of parameters (the fixed position table is a buffer and not counted)."""
-        return num_params(self, trainable_only)
+        self.add_blocks(CrossDiTBlock(d, self.num_heads, mlp_ratio, qk_norm) for _ in range(self.depth))
 
     # ---- conditioning -------------------------------------------------------------------
+    def _streams(self) -> list[TextStream]:
+        return [TextStream("tokens", "mask", self.context_dim, self.max_text_tokens, "max_text_tokens", self.tokens_dropout)]
+
+    @property
+    def conditioning(self) -> ConditioningSpec:
+        """The pooled vector (when pooled_dim > 0) and one token stream, cond["tokens"]."""
+        return text_spec(self.pooled_dim, self._streams())
+
     def _check_cond(self, cond: object) -> dict:
-        return require_keys(cond, ("pooled", "tokens") if self.pooled_dim else ("tokens",), type(self).__name__)
+        return require_text(cond, self.pooled_dropout, self._streams(), type(self).__name__)
 
     def null_condition(self, cond: dict) -> dict:
         """The unconditional counterpart of cond: null pooled vector and null tokens (same shapes), mask all True."""
-        cond = self._check_cond(cond)
-        out = dict(cond)
-        if self.pooled_dim:
-            out["pooled"] = self.pooled_dropout.null_like(cond["pooled"])
-        out["tokens"] = self.tokens_dropout.null_like(cond["tokens"])
-        if cond.get("mask") is not None:
-            out["mask"] = torch.ones_like(cond["mask"])
-        return out
+        return null_text(self._check_cond(cond), self.pooled_dropout, self._streams())
 
     def drop_condition(self, cond: dict) -> dict:
         """Training-mode dropout: pooled and tokens independently replaced by their nulls (identity in eval)."""
-        cond = self._check_cond(cond)
-        out = dict(cond)
-        if self.pooled_dim:
-            out["pooled"] = self.pooled_dropout(cond["pooled"])[0]
-        out["tokens"], mask = drop_tokens(self.tokens_dropout, cond["tokens"], cond.get("mask"))
-        if mask is not None:
-            out["mask"] = mask
-        return out
+        return drop_text(self._check_cond(cond), self.pooled_dropout, self._streams())
 
-    # ---- forward ------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        """Velocity / noise prediction for latents z (B, C, H, W) at times t (B,); output shaped like z."""
-        name = type(self).__name__
-        h, w = check_latents(z, self.in_channels, self.patch_size, self.pos_embed.max_size, name, f"input_size={self.input_size}")
-        b = z.shape[0]
-        t = check_timesteps(t, b, name)
+    def embed_condition(self, cond: dict, x: torch.Tensor) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor | None]]:
+        """MLP(pooled vector) (None without one), and the context: the embedded tokens with the cross-attention's key mask."""
         cond = self._check_cond(cond)
-        if self.pooled_dim:
-            check_pooled(cond["pooled"], b, self.pooled_dim, name)
-        check_tokens(cond["tokens"], b, self.context_dim, "tokens", name, self.max_text_tokens, "max_text_tokens")
+        check_text(cond, x.shape[0], self.pooled_dim or None, self._streams(), type(self).__name__)
         cond = self.drop_condition(cond)
         dtype = param_dtype(self)
-
-        x = self.x_embedder(z.to(dtype))
-        x = x + self.pos_embed(h, w).to(x.dtype)
-        c = self.t_embedder(t)
-        if self.pooled_dim:
-            c = c + self.y_embedder(cond["pooled"].to(dtype))
+        vector = self.y_embedder(cond["pooled"].to(dtype)) if self.pooled_dim else None
         tokens = cond["tokens"]
-        context = self.context_embedder(tokens.to(dtype))
-        key_mask = check_mask(cond.get("mask"), tokens, "mask")
+        return vector, (self.context_embedder(tokens.to(dtype)), check_mask(cond.get("mask"), tokens, "mask"))
 
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, context, c, key_mask, use_reentrant=False)
-            else:
-                x = block(x, context, c, key_mask)
-        x = self.final_layer(x, c)
-        return unpatchify(x, h, w, self.patch_size, self.out_channels).to(z.dtype)
+    def run_block(self, block: CrossDiTBlock, x: torch.Tensor, c: torch.Tensor, context):
+        """Self-attention, cross-attention to the (fixed) embedded tokens, MLP."""
+        tokens, key_mask = context
+        return block(x, tokens, c, key_mask), context

@@ -15,28 +15,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from flowmatch.networks.conditioning import ConditioningSpec
 from flowmatch.networks.layers import (
     ConditionDropout,
-    FinalLayer,
     LabelEmbedder,
     Mlp,
-    PatchEmbed,
     SelfAttention,
-    SinCosPosEmbed2D,
-    TimestepEmbedder,
     VectorEmbedder,
-    check_latents,
     check_pooled,
-    check_timesteps,
-    init_linears_xavier,
     modulate,
-    num_params,
     param_dtype,
-    unpatchify,
-    zero_init,
 )
+from flowmatch.networks.trunk import PatchTransformer
 
 #: Named DiT sizes: size -> (depth, hidden_size, num_heads), from the DiT paper (Table 1).
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -59,6 +50,17 @@ def resolve_size(size: str | None, depth: int | None, hidden_size: int | None, n
     if any(v is None for v in out):
         raise ValueError("give a named size or all of depth, hidden_size and num_heads")
     return out  # type: ignore[return-value]
+
+
+def dit_trunk_args(size: str | None, depth: int | None, hidden_size: int | None, num_heads: int | None,
+                   patch_size: int, input_size: int) -> dict:
+    """The PatchTransformer sizes of a DiT-style network (DiT, CrossDiT): its named size resolved, and a
+    square position table of input_size / patch_size tokens per side."""
+    depth, hidden_size, num_heads = resolve_size(size, depth, hidden_size, num_heads)
+    if input_size % patch_size:
+        raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+    return dict(patch_size=patch_size, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                pos_embed_max_size=input_size // patch_size, table_arg=f"input_size={input_size}")
 
 
 def parse_dit_name(name: str) -> tuple[str, int]:
@@ -90,7 +92,7 @@ class DiTBlock(nn.Module):
         return x
 
 
-class DiT(nn.Module):
+class DiT(PatchTransformer):
     """DiT with adaLN-Zero, called as ``net(z, t, cond)``.
 
     ``cond`` is, by construction: class labels (int64 (B,), with ``num_classes > 0``; the null class is
@@ -136,32 +138,21 @@ class DiT(nn.Module):
             learned_null: learn the null pooled vector instead of using zeros (labels always have a learned null class).
             gradient_checkpointing: recompute block activations in the backward pass to save memory.
         """
-        super().__init__()
-        depth, hidden_size, num_heads = resolve_size(size, depth, hidden_size, num_heads)
         if num_classes and pooled_dim:
             raise ValueError("DiT conditions on class labels (num_classes) or a pooled vector (pooled_dim), not both")
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
-        self.patch_size, self.hidden_size, self.num_heads, self.depth = patch_size, hidden_size, num_heads, depth
+        super().__init__(in_channels=in_channels, out_channels=out_channels, gradient_checkpointing=gradient_checkpointing,
+                         **dit_trunk_args(size, depth, hidden_size, num_heads, patch_size, input_size))
         self.num_classes, self.pooled_dim = num_classes, pooled_dim
         self.input_size = input_size
-        self.gradient_checkpointing = gradient_checkpointing
 
-        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
-        self.pos_embed = SinCosPosEmbed2D(hidden_size, input_size // patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder: nn.Module | None = None
         self.cond_dropout: ConditionDropout | None = None
         if num_classes:
-            self.y_embedder = LabelEmbedder(num_classes, hidden_size, cond_drop_prob)
+            self.y_embedder = LabelEmbedder(num_classes, self.hidden_size, cond_drop_prob)
         elif pooled_dim:
-            self.y_embedder = VectorEmbedder(pooled_dim, hidden_size)
+            self.y_embedder = VectorEmbedder(pooled_dim, self.hidden_size)
             self.cond_dropout = ConditionDropout(pooled_dim, cond_drop_prob, learned=learned_null)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
+        self.add_blocks(DiTBlock(self.hidden_size, self.num_heads, mlp_ratio, qk_norm) for _ in range(self.depth))
 
     @classmethod
     def from_name(cls, name: str, **kwargs) -> "DiT":
@@ -169,23 +160,17 @@ class DiT(nn.Module):
         size, patch = parse_dit_name(name)
         return cls(size=size, patch_size=patch, **kwargs)
 
-    def initialize_weights(self) -> None:
-        """DiT's init: xavier linears, N(0, 0.02) embeddings, zero adaLN modulation and final layer."""
-        init_linears_xavier(self)
-        self.x_embedder.reset_parameters()
+    def init_condition_embedders(self) -> None:
+        """DiT's label table starts at N(0, 0.02)."""
         if isinstance(self.y_embedder, LabelEmbedder):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            zero_init(block.adaLN_modulation[-1])
-        self.final_layer.reset_parameters()
-
-    def num_params(self, trainable_only: bool = False) -> int:
-        """Number of parameters (the fixed position table is a buffer and not counted)."""
-        return num_params(self, trainable_only)
 
     # ---- conditioning -------------------------------------------------------------------
+    @property
+    def conditioning(self) -> ConditioningSpec:
+        """Class labels, or a pooled vector (of a text dict, only "pooled" is read), or nothing."""
+        return ConditioningSpec(num_classes=self.num_classes, pooled_dim=self.pooled_dim)
+
     def null_condition(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         """The unconditional counterpart of a batch's cond (null class labels / null pooled vectors)."""
         if cond is None or self.y_embedder is None:
@@ -204,24 +189,23 @@ class DiT(nn.Module):
             return self.y_embedder.drop(cond)
         return self.cond_dropout(cond)[0]
 
-    def embed_condition(self, t: torch.Tensor, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """c = timestep embedding + condition embedding (after dropout), (B, hidden)."""
-        c = self.t_embedder(t)
+    def embed_condition(self, cond: torch.Tensor | dict | None, x: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        """The condition embedding (after dropout) added to the timestep embedding, (B, hidden); no context."""
         if self.y_embedder is None:
-            return c
+            return None, None
         if isinstance(cond, dict):
             cond = self._pooled(cond)
-        dtype = param_dtype(self)
+        batch, device, dtype = x.shape[0], x.device, param_dtype(self)
         if cond is None:  # conditional model called without a condition: use the null condition
             if self.num_classes:
-                cond = torch.full((batch,), self.num_classes, dtype=torch.long, device=t.device)
+                cond = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
             else:
-                cond = self.cond_dropout.null_like(torch.zeros(batch, self.pooled_dim, device=t.device, dtype=dtype))
+                cond = self.cond_dropout.null_like(torch.zeros(batch, self.pooled_dim, device=device, dtype=dtype))
         if self.num_classes:
             self._check_labels(cond, batch)
-            return c + self.y_embedder(self.drop_condition(cond))
+            return self.y_embedder(self.drop_condition(cond)), None
         check_pooled(cond, batch, self.pooled_dim, "DiT", key="pooled vector")
-        return c + self.y_embedder(self.drop_condition(cond).to(dtype))
+        return self.y_embedder(self.drop_condition(cond).to(dtype)), None
 
     def _pooled(self, cond: dict) -> torch.Tensor:
         if self.num_classes or "pooled" not in cond:
@@ -239,53 +223,3 @@ class DiT(nn.Module):
                 f"DiT class labels must lie in 0..{self.num_classes - 1} (or {self.num_classes} = the null class), "
                 f"got values {labels.min().item()}..{labels.max().item()}"
             )
-
-    # ---- forward ------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | dict | None = None) -> torch.Tensor:
-        """Velocity / noise prediction for latents z (B, C, H, W) at times t (B,); output shaped like z."""
-        h, w = check_latents(z, self.in_channels, self.patch_size, self.pos_embed.max_size, "DiT", f"input_size={self.input_size}")
-        b = z.shape[0]
-        t = check_timesteps(t, b, "DiT")
-        dtype = param_dtype(self)
-        x = self.x_embedder(z.to(dtype))
-        x = x + self.pos_embed(h, w).to(x.dtype)
-        c = self.embed_condition(t, cond, b)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)
-        x = self.final_layer(x, c)
-        return unpatchify(x, h, w, self.patch_size, self.out_channels).to(z.dtype)
-
-
-def dit_param_count(
-    depth: int,
-    hidden_size: int,
-    num_heads: int,
-    in_channels: int = 4,
-    out_channels: int | None = None,
-    patch_size: int = 2,
-    num_classes: int = 0,
-    pooled_dim: int = 0,
-    mlp_ratio: float = 4.0,
-    qk_norm: bool = False,
-    learned_null: bool = False,
-    frequency_dim: int = 256,
-) -> int:
-    """Parameter count of ``DiT`` computed from its sizes, without building it."""
-    d, p = hidden_size, patch_size
-    out = (out_channels or in_channels) * p * p
-    m = int(d * mlp_ratio)
-    block = (d * 6 * d + 6 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m + m * d + d)
-    if qk_norm:
-        block += 2 * (d // num_heads)
-    total = depth * block
-    total += in_channels * p * p * d + d  # patch embedding
-    total += frequency_dim * d + d + d * d + d  # timestep MLP
-    if num_classes:
-        total += (num_classes + 1) * d
-    elif pooled_dim:
-        total += pooled_dim * d + d + d * d + d + (pooled_dim if learned_null else 0)
-    total += (d * 2 * d + 2 * d) + (d * out + out)  # final layer
-    return total

@@ -5,10 +5,13 @@ grid, as SD3 does), adaLN modulation, the MLP, RMSNorm for QK-normalisation, att
 ``torch.nn.functional.scaled_dot_product_attention``, the timestep / vector embedders, the
 conditioning dropout used for classifier-free guidance, the input checks every backbone runs before
 its forward pass (each error says what was expected and what came), and ``load_network_state``,
-which refuses a state dict of another architecture with the names and shapes that do not fit.
+which refuses a state dict of another architecture with the names and shapes that do not fit, and
+``count_parameters``, which counts a network's parameters by building it on the meta device.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,14 @@ from flowmatch.networks.embeddings import timestep_embedding
 def num_params(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters of ``module`` (buffers such as position tables are not counted)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_parameters(network: Callable[..., nn.Module], *args, trainable_only: bool = False, **kwargs) -> int:
+    """Number of parameters of ``network(*args, **kwargs)`` (a network class or factory), built on the meta device:
+    no memory and no weights are allocated, and no formula can drift from the code. E.g.
+    ``count_parameters(MMDiT, depth=24, pooled_dim=2048, context_dim=4096)``."""
+    with torch.device("meta"):
+        return num_params(network(*args, **kwargs), trainable_only)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -169,18 +180,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     return out.transpose(1, 2).reshape(b, s, h * d)
 
 
+def qk_norms(dim: int, num_heads: int, qk_norm: bool) -> tuple[nn.Module, nn.Module]:
+    """(q_norm, k_norm) for heads of dim // num_heads: RMSNorm each with QK-norm, identities without.
+    The caller assigns them where its parameter order wants them (the order checkpoints and optimizers rely on)."""
+    if dim % num_heads:
+        raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+    if not qk_norm:
+        return nn.Identity(), nn.Identity()
+    return RMSNorm(dim // num_heads), RMSNorm(dim // num_heads)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention: fused qkv projection, optional per-head QK RMSNorm, output projection."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        head_dim = dim // num_heads
+        q_norm, k_norm = qk_norms(dim, num_heads, qk_norm)
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,14 +211,11 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        head_dim = dim // num_heads
+        q_norm, k_norm = qk_norms(dim, num_heads, qk_norm)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:

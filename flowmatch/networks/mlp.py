@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowmatch.networks.conditioning import ConditioningSpec
 from flowmatch.networks.embeddings import timestep_embedding
 
 
@@ -72,6 +73,21 @@ class MLPVelocity(nn.Module):
         self.out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    # ---- what it takes ----
+
+    #: points have no patches (the input check of ``flowmatch.networks.conditioning.shape_problems``)
+    patch_size = 1
+
+    @property
+    def in_channels(self) -> int:
+        """The dimension of a data point (z has shape (B, dim))."""
+        return self.dim
+
+    @property
+    def conditioning(self) -> ConditioningSpec:
+        """Class labels (num_classes > 0) or nothing."""
+        return ConditioningSpec(num_classes=self.num_classes)
 
     # ---- conditioning ----
 

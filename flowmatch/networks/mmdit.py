@@ -28,35 +28,26 @@ diffusers when no mask is given. ``max_text_tokens`` (default: no limit) makes l
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from flowmatch.networks.conditioning import ConditioningSpec
 from flowmatch.networks.layers import (
     ConditionDropout,
-    FinalLayer,
     Mlp,
-    PatchEmbed,
-    RMSNorm,
-    SinCosPosEmbed2D,
-    TimestepEmbedder,
     VectorEmbedder,
     attention,
-    check_latents,
     check_mask,
-    check_pooled,
-    check_timesteps,
-    check_tokens,
-    drop_tokens,
-    init_linears_xavier,
     modulate,
-    num_params,
     param_dtype,
+    qk_norms,
     require_keys,
     split_heads,
-    unpatchify,
-    zero_init,
 )
+from flowmatch.networks.text_condition import TextStream, check_text, drop_text, null_text, require_text, text_spec
+from flowmatch.networks.trunk import PatchTransformer
 
 
 class MMDiTStream(nn.Module):
@@ -69,18 +60,16 @@ class MMDiTStream(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, pre_only: bool = False):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads, self.pre_only = num_heads, pre_only
-        head_dim = hidden_size // num_heads
+        q_norm, k_norm = qk_norms(hidden_size, num_heads, qk_norm)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (2 if pre_only else 6) * hidden_size))
-        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
-        if pre_only:
+        self.k_norm = k_norm
+        if pre_only:  # no query: its q_norm is left unused
             self.kv = nn.Linear(hidden_size, 2 * hidden_size)
         else:
             self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-            self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+            self.q_norm = q_norm
             self.proj = nn.Linear(hidden_size, hidden_size)
             self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
@@ -134,7 +123,7 @@ class MMDiTBlock(nn.Module):
         return self.image.post_attention(x, out_img, state_img), contexts
 
 
-class MMDiT(nn.Module):
+class MMDiT(PatchTransformer):
     """SD3's MM-DiT, called as ``net(z, t, cond)`` with ``cond`` the dict described in this module's docstring."""
 
     def __init__(
@@ -182,7 +171,6 @@ class MMDiT(nn.Module):
             tokens_2_source: 3-sets variant on data with one text encoder: the cond key ("tokens") whose sequence (and
                 mask) also feeds the second stream, through its own weights and its own dropout; None reads cond["tokens_2"].
         """
-        super().__init__()
         for name, value in (("max_text_tokens", max_text_tokens), ("max_text_tokens_2", max_text_tokens_2)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number of tokens or None (no limit), got {value}")
@@ -195,70 +183,64 @@ class MMDiT(nn.Module):
             raise ValueError(f"tokens_2_source must be None (read cond['tokens_2']) or 'tokens', got {tokens_2_source!r}")
         if max_text_tokens_2 is not None and context_dim_2 is None:
             raise ValueError("max_text_tokens_2 limits cond['tokens_2'], which only the 3-sets variant (context_dim_2) has")
+        if tokens_2_source is not None and context_dim_2 != context_dim:
+            raise ValueError(f"tokens_2_source feeds cond[{tokens_2_source!r}] (context_dim={context_dim}) to the second stream, "
+                             f"so context_dim_2 must equal it, got {context_dim_2}")
         hidden_size = hidden_size or 64 * depth
         num_heads = num_heads or depth
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.depth, self.hidden_size, self.num_heads, self.patch_size = depth, hidden_size, num_heads, patch_size
-        self.in_channels, self.out_channels = in_channels, out_channels or in_channels
+        super().__init__(in_channels=in_channels, out_channels=out_channels, patch_size=patch_size, depth=depth,
+                         hidden_size=hidden_size, num_heads=num_heads, pos_embed_max_size=pos_embed_max_size,
+                         pos_embed_base_size=pos_embed_base_size, table_arg=f"pos_embed_max_size={pos_embed_max_size}",
+                         gradient_checkpointing=gradient_checkpointing)
         self.pooled_dim, self.context_dim, self.context_dim_2 = pooled_dim, context_dim, context_dim_2
         self.qk_norm = qk_norm
         self.tokens_2_source = tokens_2_source
-        self.gradient_checkpointing = gradient_checkpointing
         self.max_text_tokens = (max_text_tokens,) if context_dim_2 is None else (max_text_tokens, max_text_tokens_2)
         self.token_keys = ("tokens",) if context_dim_2 is None else ("tokens", "tokens_2")
         self.mask_keys = ("mask",) if context_dim_2 is None else ("mask", "mask_2")
         context_dims = (context_dim,) if context_dim_2 is None else (context_dim, context_dim_2)
 
-        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
-        self.pos_embed = SinCosPosEmbed2D(hidden_size, pos_embed_max_size, pos_embed_base_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = VectorEmbedder(pooled_dim, hidden_size)
         self.context_embedders = nn.ModuleList(nn.Linear(d, hidden_size) for d in context_dims)
         self.pooled_dropout = ConditionDropout(pooled_dim, cond_drop_prob, learned_null)
         self.tokens_dropout = nn.ModuleList(ConditionDropout(d, cond_drop_prob, learned_null) for d in context_dims)
-        self.blocks = nn.ModuleList(
+        self.add_blocks(
             MMDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, len(context_dims), text_pre_only=(i == depth - 1))
             for i in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """xavier linears, N(0, 0.02) timestep MLP, zero adaLN modulation and final layer (blocks start as identity)."""
-        init_linears_xavier(self)
-        self.x_embedder.reset_parameters()
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            for stream in [*block.text, block.image]:
-                zero_init(stream.adaLN_modulation[-1])
-        self.final_layer.reset_parameters()
-
-    def num_params(self, trainable_only: bool = False) -> int:
-        """Number of parameters (the fixed position table is a buffer and not counted)."""
-        return num_params(self, trainable_only)
 
     # ---- conditioning -------------------------------------------------------------------
+    def _streams(self) -> list[TextStream]:
+        """The token streams the blocks read, in order (the second one of the 3-sets variant included)."""
+        return [TextStream(key, mask_key, embedder.in_features, limit, "max_text_tokens" + ("_2" if i else ""), dropout)
+                for i, (key, mask_key, embedder, limit, dropout) in enumerate(
+                    zip(self.token_keys, self.mask_keys, self.context_embedders, self.max_text_tokens, self.tokens_dropout))]
+
+    @property
+    def conditioning(self) -> ConditioningSpec:
+        """The pooled vector and the token streams read from the data: with tokens_2_source the second stream
+        is derived from cond["tokens"], so only "tokens" is read (at most the stricter of both limits)."""
+        streams = self._streams()
+        if self.tokens_2_source is not None:
+            limits = [s.max_length for s in streams if s.max_length is not None]
+            streams = [replace(streams[0], max_length=min(limits, default=None))]
+        return text_spec(self.pooled_dim, streams)
+
     def _check_cond(self, cond: object) -> dict:
         if self.tokens_2_source is not None and isinstance(cond, dict) and "tokens_2" not in cond:
             src = require_keys(cond, ("pooled", self.tokens_2_source), type(self).__name__)
             cond = {**src, "tokens_2": src[self.tokens_2_source]}
             if src.get("mask") is not None:
                 cond["mask_2"] = src["mask"]
-        return require_keys(cond, ("pooled", *self.token_keys), type(self).__name__)
+        return require_text(cond, self.pooled_dropout, self._streams(), type(self).__name__)
 
     def null_condition(self, cond: dict) -> dict:
         """The unconditional counterpart of cond: null pooled vector and null tokens (same shapes), masks all True.
         Same keys as cond: a second stream derived from cond["tokens"] (tokens_2_source) is derived again from the null."""
         derived = self.tokens_2_source is not None and isinstance(cond, dict) and "tokens_2" not in cond
-        cond = self._check_cond(cond)
-        out = dict(cond)
-        out["pooled"] = self.pooled_dropout.null_like(cond["pooled"])
-        for key, mask_key, dropout in zip(self.token_keys, self.mask_keys, self.tokens_dropout):
-            out[key] = dropout.null_like(cond[key])
-            if cond.get(mask_key) is not None:
-                out[mask_key] = torch.ones_like(cond[mask_key])
+        out = null_text(self._check_cond(cond), self.pooled_dropout, self._streams())
         if derived:  # zeros either way (learned nulls are refused with tokens_2_source)
             out.pop("tokens_2")
             out.pop("mask_2", None)
@@ -268,34 +250,15 @@ class MMDiT(nn.Module):
         """Classifier-free-guidance dropout in training mode: the pooled vector and each token stream are
         independently replaced by their nulls with probability cond_drop_prob (a dropped stream's mask
         becomes all True). Identity in eval mode."""
-        cond = self._check_cond(cond)
-        out = dict(cond)
-        out["pooled"] = self.pooled_dropout(cond["pooled"])[0]
-        for key, mask_key, dropout in zip(self.token_keys, self.mask_keys, self.tokens_dropout):
-            out[key], mask = drop_tokens(dropout, cond[key], cond.get(mask_key))
-            if mask is not None:
-                out[mask_key] = mask
-        return out
+        return drop_text(self._check_cond(cond), self.pooled_dropout, self._streams())
 
-    # ---- forward ------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        """Velocity / noise prediction for latents z (B, C, H, W) at times t (B,); output shaped like z."""
-        name = type(self).__name__
-        h, w = check_latents(z, self.in_channels, self.patch_size, self.pos_embed.max_size, name,
-                             f"pos_embed_max_size={self.pos_embed.max_size}")
-        b = z.shape[0]
-        t = check_timesteps(t, b, name)
+    def embed_condition(self, cond: dict, x: torch.Tensor) -> tuple[torch.Tensor, tuple[list[torch.Tensor], torch.Tensor | None]]:
+        """MLP(pooled vector), and the context: the embedded token streams with the joint attention's key mask."""
+        b = x.shape[0]
         cond = self._check_cond(cond)
-        check_pooled(cond["pooled"], b, self.pooled_dim, name)
-        for i, (key, embedder, limit) in enumerate(zip(self.token_keys, self.context_embedders, self.max_text_tokens)):
-            check_tokens(cond[key], b, embedder.in_features, key, name, limit, "max_text_tokens" + ("_2" if i else ""))
+        check_text(cond, b, self.pooled_dim, self._streams(), type(self).__name__)
         cond = self.drop_condition(cond)
         dtype = param_dtype(self)
-
-        x = self.x_embedder(z.to(dtype))
-        x = x + self.pos_embed(h, w).to(x.dtype)
-        c = self.t_embedder(t) + self.y_embedder(cond["pooled"].to(dtype))
-
         contexts, masks = [], []
         for key, mask_key, embedder in zip(self.token_keys, self.mask_keys, self.context_embedders):
             tokens = cond[key]
@@ -305,60 +268,10 @@ class MMDiT(nn.Module):
         if any(m is not None for m in masks):
             ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=x.device)  # noqa: E731
             key_mask = torch.cat([m if m is not None else ones(ctx.shape[1]) for m, ctx in zip(masks, contexts)] + [ones(x.shape[1])], dim=1)
+        return self.y_embedder(cond["pooled"].to(dtype)), (contexts, key_mask)
 
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, contexts = checkpoint(block, x, contexts, c, key_mask, use_reentrant=False)
-            else:
-                x, contexts = block(x, contexts, c, key_mask)
-        x = self.final_layer(x, c)
-        return unpatchify(x, h, w, self.patch_size, self.out_channels).to(z.dtype)
-
-
-def mmdit_param_count(
-    depth: int,
-    hidden_size: int | None = None,
-    num_heads: int | None = None,
-    in_channels: int = 16,
-    out_channels: int | None = None,
-    patch_size: int = 2,
-    pooled_dim: int = 2048,
-    context_dim: int = 4096,
-    context_dim_2: int | None = None,
-    mlp_ratio: float = 4.0,
-    qk_norm: bool = False,
-    learned_null: bool = False,
-    frequency_dim: int = 256,
-) -> int:
-    """Parameter count of ``MMDiT(depth, ...)`` computed analytically (nothing is allocated).
-
-    Same arguments and defaults as MMDiT. A diffusers / reference SD3 checkpoint holds, in addition,
-    the unused text query of the last block: ``sd3_unused_query_params(hidden, heads, qk_norm)``
-    per text stream.
-    """
-    d = hidden_size or 64 * depth
-    heads = num_heads or depth
-    head_dim = d // heads
-    p = patch_size
-    out = (out_channels or in_channels) * p * p
-    m = int(d * mlp_ratio)
-    qkn = head_dim if qk_norm else 0
-    full_stream = (d * 6 * d + 6 * d) + (d * 3 * d + 3 * d) + 2 * qkn + (d * d + d) + (d * m + m + m * d + d)
-    pre_only_stream = (d * 2 * d + 2 * d) + (d * 2 * d + 2 * d) + qkn
-    contexts = [context_dim] if context_dim_2 is None else [context_dim, context_dim_2]
-    n_text = len(contexts)
-    total = depth * full_stream  # image stream of every block
-    total += (depth - 1) * n_text * full_stream + n_text * pre_only_stream  # text streams
-    total += in_channels * p * p * d + d  # patch embedding
-    total += frequency_dim * d + d + d * d + d  # timestep MLP
-    total += pooled_dim * d + d + d * d + d  # pooled-vector MLP
-    total += sum(k * d + d for k in contexts)  # context embedders
-    total += (d * 2 * d + 2 * d) + (d * out + out)  # final layer
-    if learned_null:
-        total += pooled_dim + sum(contexts)
-    return total
-
-
-def sd3_unused_query_params(hidden_size: int, num_heads: int, qk_norm: bool = False) -> int:
-    """Parameters a diffusers SD3 checkpoint stores for the last block's (discarded) text query, per text stream."""
-    return hidden_size * hidden_size + hidden_size + (hidden_size // num_heads if qk_norm else 0)
+    def run_block(self, block: MMDiTBlock, x: torch.Tensor, c: torch.Tensor, context):
+        """Joint attention of the image tokens and the text streams; the text streams move on with x."""
+        contexts, key_mask = context
+        x, contexts = block(x, contexts, c, key_mask)
+        return x, (contexts, key_mask)

@@ -137,6 +137,12 @@ def _key_map(model: MMDiT) -> list[tuple[str, list[str], str]]:
     return rows
 
 
+def sd3_unused_query_params(hidden_size: int, num_heads: int, qk_norm: bool = False) -> int:
+    """Parameters a diffusers SD3 checkpoint stores for the last block's (discarded) text query, per text stream:
+    add_q_proj (weight and bias) and, with QK-norm, norm_added_q. Our MMDiT has no such tensors."""
+    return hidden_size * hidden_size + hidden_size + (hidden_size // num_heads if qk_norm else 0)
+
+
 def _unused_keys(model: MMDiT) -> list[str]:
     """diffusers tensors that exist but never influence its output (the last block's text query)."""
     src = f"transformer_blocks.{model.depth - 1}.attn"

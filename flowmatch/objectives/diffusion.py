@@ -1,6 +1,6 @@
 """Diffusion on variance-preserving paths: eps-prediction DDPM (LDM linear or cosine) and v-prediction."""
 
-from typing import Literal
+from typing import Callable, Literal
 
 from torch import nn
 
@@ -19,13 +19,13 @@ class VPDiffusion(FlowObjective):
         schedule: "linear" (LDM's 1000-step scaled-linear betas, 0.00085 .. 0.012) or "cosine".
         prediction: what the network predicts: "eps" or "v".
         weighting: loss weighting; "native" is the plain MSE of the prediction. "rf" re-weights to
-            rectified flow's effective weighting, for fair comparisons (SPEC §2).
+            rectified flow's effective weighting, for fair comparisons (docs/spec.md §2).
         (the rest as in FlowObjective)
     """
 
     def __init__(
         self,
-        network: nn.Module,
+        network: Callable[[], nn.Module] | nn.Module,
         schedule: Literal["linear", "cosine"] = "linear",
         prediction: Literal["eps", "v"] = "eps",
         time_sampler: TimeSampler | None = None,
@@ -51,7 +51,7 @@ class EpsDDPM(VPDiffusion):
 
     def __init__(
         self,
-        network: nn.Module,
+        network: Callable[[], nn.Module] | nn.Module,
         schedule: Literal["linear", "cosine"] = "linear",
         time_sampler: TimeSampler | None = None,
         weighting: str = "native",

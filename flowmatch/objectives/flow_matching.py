@@ -1,5 +1,7 @@
 """Flow Matching (Lipman et al. 2022) on the conditional optimal-transport path."""
 
+from typing import Callable
+
 from torch import nn
 
 from flowmatch.objectives.base import FlowObjective
@@ -16,7 +18,7 @@ class FlowMatching(FlowObjective):
         (the rest as in FlowObjective)
     """
 
-    def __init__(self, network: nn.Module, sigma_min: float = 1e-4, time_sampler: TimeSampler | None = None, weighting: str = "native", **kwargs):
+    def __init__(self, network: Callable[[], nn.Module] | nn.Module, sigma_min: float = 1e-4, time_sampler: TimeSampler | None = None, weighting: str = "native", **kwargs):
         super().__init__(network, time_sampler=time_sampler, weighting=weighting, **kwargs)
         self.path = OTPath(sigma_min)
         self.parametrisation = VelocityPrediction()

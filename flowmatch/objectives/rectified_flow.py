@@ -1,5 +1,7 @@
 """Rectified flow (Liu et al. 2022; SD3's "rf"): velocity regression on the straight path."""
 
+from typing import Callable
+
 from torch import nn
 
 from flowmatch.objectives.base import FlowObjective
@@ -15,7 +17,7 @@ class RectifiedFlow(FlowObjective):
     for SD3's best "rf/lognorm(0.00, 1.00)". (Arguments as in FlowObjective.)
     """
 
-    def __init__(self, network: nn.Module, time_sampler: TimeSampler | None = None, weighting: str = "native", **kwargs):
+    def __init__(self, network: Callable[[], nn.Module] | nn.Module, time_sampler: TimeSampler | None = None, weighting: str = "native", **kwargs):
         super().__init__(network, time_sampler=time_sampler, weighting=weighting, **kwargs)
         self.path = RectifiedFlowPath()
         self.parametrisation = VelocityPrediction()

@@ -66,7 +66,7 @@ class AffinePath:
         return expand_like(self.da(t), x0) * x0 + expand_like(self.db(t), x0) * eps
 
     def velocity_from_eps(self, eps: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """SPEC §2: u_t(z | eps) = (a'_t / a_t) z_t - (b_t / 2) lambda'_t eps."""
+        """docs/spec.md §2: u_t(z | eps) = (a'_t / a_t) z_t - (b_t / 2) lambda'_t eps."""
         a, da = expand_like(self.a(t), z), expand_like(self.da(t), z)
         b, dlam = expand_like(self.b(t), z), expand_like(self.d_log_snr(t), z)
         return (da / a) * z - 0.5 * b * dlam * eps

@@ -24,6 +24,7 @@ import numpy as np
 
 from flowmatch.data.captions import use_synthetic
 from flowmatch.data.shard_format import MANIFEST_NAME, SPLITS, SampleSpec, ShardFormatError, read_manifest
+from flowmatch.networks.conditioning import ConditioningSpec
 
 ROWS = ("orig", "syn")
 
@@ -105,6 +106,11 @@ class TrainingCaptions:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def conditioning(self) -> ConditioningSpec:
+        """What the captions' stored encodings provide: one pooled vector and one token stream of this width and length."""
+        return ConditioningSpec.text(self.pooled_dim, self.context_dim, self.context_length)
 
     def describe(self) -> dict:
         """What a coupling manifest records about the captions."""

@@ -5,7 +5,7 @@ class-conditional coupling set, or for a text-conditional one (pairs of a text-t
 dict the model trained on, ``{"pooled": float32 (B, P), "tokens": float32 (B, L, D), "mask": bool (B, L)}``
 (the stored encodings the pairs were drawn with; the network's own text dropout still applies in
 training, so classifier-free guidance keeps working). Objectives use the batch's ``eps`` instead of
-drawing fresh noise (FlowObjective.training_step), which is what makes reflow train on the coupling (SPEC §5).
+drawing fresh noise (FlowObjective.training_step), which is what makes reflow train on the coupling (docs/spec.md §5).
 
 Splits: the pairs are independent draws, so the last ``num_val`` pairs (by index) are the
 validation set, the ``num_test`` before them the test set, the rest the training set.
@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from flowmatch.reflow.format import CouplingFormatError, condition_kind, iter_records, iter_shard, read_manifest, shard_paths
+from flowmatch.networks.conditioning import ConditioningMismatchError, ConditioningSpec, fit_problems
+from flowmatch.reflow.format import CouplingFormatError, iter_records, iter_shard, manifest_conditioning, read_manifest, shard_paths
 from flowmatch.data.shards import TrainLoader
 
 
@@ -263,24 +264,21 @@ class CouplingDataModule(L.LightningDataModule):
                 raise ValueError(f"unknown reference_target {reference_target!r}; valid: {', '.join(sorted(TARGETS))}")
             if tuple(self.manifest["sample_shape"]) != (2,):
                 raise ValueError(f"reference_target {reference_target!r} is a 2-D target but the couplings in {path} have shape {self.manifest['sample_shape']}")
-        self.kind = condition_kind(self.manifest)
-        if self.kind == "text":
-            if reference_target is not None:
-                raise ValueError(f"reference_target {reference_target!r} is a 2-D target; the couplings in {path} are of a text-to-image model "
-                                 "(their reference is the latent/caption data: reference_data)")
-            text = self.manifest.get("text")
-            if not isinstance(text, dict) or not all(k in text for k in ("pooled_dim", "context_dim", "context_length")):
-                raise CouplingFormatError(f"{path}: a text coupling manifest needs 'text' with pooled_dim, context_dim and context_length")
-        elif reference_data is not None:
-            raise ValueError(f"reference_data is for text-conditional couplings; the pairs in {path} are conditioned on {self.kind!r}")
+        # what the pairs are conditioned on (CouplingFormatError if the manifest does not say it completely)
+        self.conditioning: ConditioningSpec = manifest_conditioning(self.manifest)
+        if self.conditioning.is_text and reference_target is not None:
+            raise ValueError(f"reference_target {reference_target!r} is a 2-D target; the couplings in {path} are of a text-to-image model "
+                             "(their reference is the latent/caption data: reference_data)")
+        if not self.conditioning.is_text and reference_data is not None:
+            raise ValueError(f"reference_data is for text-conditional couplings; the pairs in {path} are conditioned on {self.conditioning.describe()}")
         self.batch_size, self.num_val, self.num_test = batch_size, num_val, num_test
         self.reference_target, self.reference_seed = reference_target, reference_seed
         self.reference_data = reference_data
         self.seed, self.num_workers = seed, num_workers
         pair_bytes = 2 * 4 * int(np.prod(self.manifest["sample_shape"]))
-        if self.kind == "text":  # pooled + mask + (about half the context as real tokens), float16
-            t = self.manifest["text"]
-            pair_bytes += 2 * int(t["pooled_dim"]) + int(t["context_length"]) * (1 + int(t["context_dim"]))
+        if self.conditioning.is_text:  # pooled + mask + (about half the context as real tokens), float16
+            tokens = self.conditioning.stream("tokens")
+            pair_bytes += 2 * self.conditioning.pooled_dim + tokens.max_length * (1 + tokens.width)
         self.in_memory = bool(in_memory) if in_memory is not None else count * pair_bytes <= in_memory_limit
         self.shuffle_buffer = shuffle_buffer
         self._splits: dict[str, _PairBatches] = {}
@@ -292,18 +290,20 @@ class CouplingDataModule(L.LightningDataModule):
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.manifest["sample_shape"])
 
+    # ``conditioning`` (set in __init__) says what the pairs are conditioned on; these read it for the callbacks
     @property
     def conditional(self) -> bool:
-        """Class-conditional (labels); text-conditional sets say False here, as LatentShardDataModule does."""
-        return self.kind == "label"
+        """True for pairs conditioned on class labels (the batches' "cond" are labels: what the callbacks read this
+        for). Text sets are conditioned too, on text: ``text_conditional``; ``conditioning`` says either."""
+        return self.conditioning.kind == "labels"
 
     @property
     def text_conditional(self) -> bool:
-        return self.kind == "text"
+        return self.conditioning.is_text
 
     @property
     def num_classes(self) -> int:
-        return int(self.manifest.get("num_classes", 0)) if self.conditional else 0
+        return self.conditioning.num_classes
 
     def _range(self, split: str) -> tuple[int, int]:
         hi_test = self.count - self.num_val
@@ -334,9 +334,9 @@ class CouplingDataModule(L.LightningDataModule):
             x0 = torch.from_numpy(np.concatenate([p[0] for p in items])) if items else torch.zeros((0, *shape))
             eps = torch.from_numpy(np.concatenate([p[1] for p in items])) if items else torch.zeros((0, *shape))
             cond = None
-            if self.kind == "label":
+            if self.conditioning.kind == "labels":
                 cond = torch.from_numpy(np.concatenate([p[2] for p in items])) if items else torch.zeros(0, dtype=torch.long)
-            elif self.kind == "text":
+            elif self.conditioning.is_text:
                 cond = _cond_concat([p[2] for p in items]) if items else None
             self._splits[s] = _PairBatches(x0, eps, cond)
 
@@ -347,24 +347,22 @@ class CouplingDataModule(L.LightningDataModule):
         self._load(wanted)
         trainer = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer is not None else None
-        if module is not None and self.kind == "text":
+        if module is not None and self.conditioning.is_conditional:
             self.check_model(module)
+        if module is not None and self.conditioning.is_text:
             if getattr(module, "data_info", None) is None and isinstance(self.manifest.get("data"), dict):
                 module.data_info = dict(self.manifest["data"])  # its checkpoints then know the text encoders, autoencoder, shards
 
     def check_model(self, module) -> None:
-        """Text sets: raise ValueError (naming the coupling manifest) if the pairs do not fit the model's network."""
-        net = getattr(module, "net", module)
-        t = self.manifest["text"]
-        problems = [f"the network's {attr} is {getattr(net, attr)} but the couplings' {attr} is {t[attr]}"
-                    for attr in ("pooled_dim", "context_dim") if isinstance(getattr(net, attr, None), int) and getattr(net, attr) != int(t[attr])]
-        if int(getattr(net, "num_classes", 0) or 0) > 0:
-            problems.append(f"the network is class-conditional (num_classes={net.num_classes}), the couplings are conditioned on text")
+        """Raise ConditioningMismatchError (a ValueError naming the coupling set) if the pairs do not fit the model:
+        the condition its network declares (``net.conditioning``) against the couplings', and its sample shape."""
+        net = getattr(module, "net", module)  # the objective, or a bare network
+        problems = fit_problems(net.conditioning, self.conditioning, "the coupling set")
         shape = getattr(module, "sample_shape", None)
         if shape is not None and tuple(shape) != self.sample_shape:
             problems.append(f"the model generates samples of shape {tuple(shape)} but the couplings hold {self.sample_shape}")
         if problems:
-            raise ValueError(f"coupling set {self.path} does not fit the model: " + "; ".join(problems))
+            raise ConditioningMismatchError(f"coupling set {self.path} does not fit the model: " + "; ".join(problems))
 
     def _eval_loader(self, split: str) -> DataLoader | list:
         self._load((split,))
@@ -418,7 +416,7 @@ class CouplingDataModule(L.LightningDataModule):
     @property
     def latent_data(self):
         """The LatentShardDataModule of the reference data (text sets only)."""
-        if self.kind != "text":
+        if not self.conditioning.is_text:
             raise AttributeError(f"the couplings in {self.path} are not text-conditional: they have no latent/caption reference data")
         if self._latent is None:
             from flowmatch.data.shards import LatentShardDataModule
@@ -429,6 +427,7 @@ class CouplingDataModule(L.LightningDataModule):
             try:
                 self._latent = LatentShardDataModule(manifest=str(location), batch_size=self.batch_size, num_workers=0, pin_memory=False,
                                                      seed=self.reference_seed)
+                self._latent.facts  # reads the manifest now, so a bad location is reported as this set's error
             except (OSError, ValueError) as err:
                 raise CouplingFormatError(f"{self.path}: cannot open the reference data {location} ({type(err).__name__}: {err}); "
                                           "give reference_data (the shards' directory)") from None
@@ -455,7 +454,7 @@ class CouplingDataModule(L.LightningDataModule):
         """``n`` reference points of ``split`` (the same on every call): the real data of
         ``reference_target`` (or of a text set's latent/caption data) if one is set, else the held-out
         couplings' samples (and their labels)."""
-        if self.kind == "text":
+        if self.conditioning.is_text:
             return self.latent_data.reference_samples(n, split, return_labels)
         if self.reference_target is not None:
             from flowmatch.data.toy2d import sample_target, split_seed

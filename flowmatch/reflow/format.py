@@ -53,6 +53,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from flowmatch.atomic_io import atomic_write
+from flowmatch.networks.conditioning import ConditioningSpec
 
 FORMAT_NAME = "flowmatch-couplings"
 FORMAT_VERSION = 1
@@ -96,6 +97,24 @@ def condition_kind(manifest: dict[str, Any]) -> str:
     if not manifest.get("conditional"):
         return "none"
     return str(manifest.get("condition") or "label")
+
+
+def manifest_conditioning(manifest: dict[str, Any]) -> ConditioningSpec:
+    """What a coupling set's pairs are conditioned on, as the networks declare it: class labels (the manifest's
+    ``num_classes``), the stored text encodings (``text``: pooled_dim, context_dim, context_length) or nothing."""
+    kind = condition_kind(manifest)
+    where = manifest.get("directory", "a coupling manifest")
+    if kind == "text":
+        text = manifest.get("text")
+        if not isinstance(text, dict) or not all(k in text for k in ("pooled_dim", "context_dim", "context_length")):
+            raise CouplingFormatError(f"{where}: a text coupling manifest needs 'text' with pooled_dim, context_dim and context_length")
+        return ConditioningSpec.text(int(text["pooled_dim"]), int(text["context_dim"]), int(text["context_length"]))
+    if kind == "label":
+        num_classes = int(manifest.get("num_classes") or 0)
+        if num_classes < 1:
+            raise CouplingFormatError(f"{where}: a class-conditional coupling manifest needs num_classes >= 1, got {manifest.get('num_classes')!r}")
+        return ConditioningSpec(num_classes=num_classes)
+    return ConditioningSpec()
 
 
 def check_text_cond(cond: Any, n: int, where: str) -> dict[str, np.ndarray]:

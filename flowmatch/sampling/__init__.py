@@ -1,6 +1,6 @@
 """Sampling: time grids, ODE solvers, classifier-free guidance and the `sample` entry point.
 
-Time runs from t = 1 (noise) down to t = 0 (data), SPEC §1 and §4.
+Time runs from t = 1 (noise) down to t = 0 (data), docs/spec.md §1 and §4.
 """
 
 from .guidance import guided_velocity

@@ -1,4 +1,4 @@
-"""Classifier-free guidance (SPEC §4): v = v_uncond + w (v_cond - v_uncond).
+"""Classifier-free guidance (docs/spec.md §4): v = v_uncond + w (v_cond - v_uncond).
 
 The conditional and unconditional velocities are computed in ONE network call on a doubled
 batch, so one evaluation of the guided field costs one (doubled-batch) network call: solver NFE

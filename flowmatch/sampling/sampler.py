@@ -1,4 +1,4 @@
-"""One entry point for drawing samples: grid + guidance + solver (SPEC §4)."""
+"""One entry point for drawing samples: grid + guidance + solver (docs/spec.md §4)."""
 
 from __future__ import annotations
 

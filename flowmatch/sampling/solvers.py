@@ -1,4 +1,4 @@
-"""ODE solvers for the probability-flow ODE dz/dt = v(z, t) (SPEC §4).
+"""ODE solvers for the probability-flow ODE dz/dt = v(z, t) (docs/spec.md §4).
 
 Every solver integrates along a given *descending* time grid (t = 1 noise -> t = 0 data) and
 returns ``(z_final, nfe)``, nfe being the number of calls of ``v``, the honest cost measure for

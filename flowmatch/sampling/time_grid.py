@@ -1,6 +1,6 @@
-"""Time grids for sampling (SPEC §4).
+"""Time grids for sampling (docs/spec.md §4).
 
-Convention (SPEC §1): t = 0 is data, t = 1 is noise; samplers walk a *descending* grid from
+Convention (docs/spec.md §1): t = 0 is data, t = 1 is noise; samplers walk a *descending* grid from
 t_max (usually 1) down to exactly 0.
 """
 

@@ -90,7 +90,7 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
 
     # --- checkpoints: safe loading, atomic directories ---------------------------------------------
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        from flowmatch.checkpoints import forced_safe_loading
+        from flowmatch.checkpoints.safe_loading import forced_safe_loading
 
         with forced_safe_loading():  # DeepSpeed's engine asks torch.load for weights_only=False
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from flowmatch.objectives.base import DIVERGED_METRIC
+from flowmatch.training.divergence import DIVERGED_METRIC
 from flowmatch.studies.spec import PlannedRun, Study, cli_value
 
 FINAL_MODEL_ARTIFACT = "model/final.ckpt"
@@ -179,6 +179,12 @@ class StudyRunner:
         # finished runs: skipped unless --force, and always the source of a reflow or latents step's model (updated as fits finish)
         done = finished_runs(self.tracking_uri, self.study, self.budget)
         failed_keys: set[tuple[str, int]] = set()
+
+        def failed(run: PlannedRun, why: str, message: str) -> None:
+            self.echo(message)
+            outcome.failed.append((run, why))
+            failed_keys.add(run.key)
+
         for run in self.runs:
             elapsed = _fmt_time(time.time() - start)
             prev = None if self.force else done.get(run.key)
@@ -206,9 +212,7 @@ class StudyRunner:
                 continue
             if any((d, run.seed) in failed_keys or (d, run.seed) not in done or done[(d, run.seed)].diverged for d in deps):
                 why = f"needs {', '.join(deps)} at seed {run.seed}, which did not finish (or diverged)"
-                self.echo(f"{run.describe()} ... skip: {why}  [elapsed {elapsed}]")
-                outcome.failed.append((run, why))
-                failed_keys.add(run.key)
+                failed(run, why, f"{run.describe()} ... skip: {why}  [elapsed {elapsed}]")
                 continue
             self.echo(f"{run.describe()} ...  [elapsed {elapsed}]")
             t0 = time.time()
@@ -223,16 +227,12 @@ class StudyRunner:
                     self.echo(f"    diverged in {time.time() - t0:.0f} s: run {found.run_id}{self._headline(found.metrics)} "
                               "(a result of the study: kept, not re-run)")
                     continue
-                self.echo(f"    FAILED: {err}")
-                outcome.failed.append((run, str(err)))
-                failed_keys.add(run.key)
+                failed(run, str(err), f"    FAILED: {err}")
                 continue
             found = finished_runs(self.tracking_uri, self.study, self.budget).get(run.key)
             if found is None:
                 why = f"fit exited normally but no FINISHED MLflow run tagged study={self.study.name} variant={run.variant.name} seed={run.seed} is in {self.tracking_uri}"
-                self.echo(f"    FAILED: {why}")
-                outcome.failed.append((run, why))
-                failed_keys.add(run.key)
+                failed(run, why, f"    FAILED: {why}")
                 continue
             done[run.key] = found
             outcome.ran.append((run, found.run_id))

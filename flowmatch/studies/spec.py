@@ -103,6 +103,10 @@ class Study:
                 return v
         raise StudyError(f"{self.path}: no variant {name!r}; variants: {', '.join(v.name for v in self.variants)}")
 
+    def label(self, variant: str) -> str:
+        """The variant's label for tables and plots (its name, for runs of a variant no longer in the file)."""
+        return next((v.label for v in self.variants if v.name == variant), variant)
+
     def resolve(self, value: str) -> Path:
         """A path written in the study file (relative to it) as an absolute path."""
         return (self.path.parent / value).resolve()

@@ -1,5 +1,5 @@
 """Log the final model of a fit to MLflow: one checkpoint file with the weights (and the EMA weights,
-which flowmatch.checkpoints.load_objective and `python -m flowmatch sample` use by default)."""
+which flowmatch.objectives.loading.load_objective and `python -m flowmatch sample` use by default)."""
 
 from __future__ import annotations
 

@@ -148,5 +148,10 @@ class MLflowSaveConfig(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger) and trainer.is_global_zero:
                 checkpoint["mlflow"] = {"run_id": logger.run_id, "experiment_id": logger.experiment_id,
-                                        "tracking_uri": logger._tracking_uri}
+                                        "tracking_uri": tracking_uri(logger)}
                 return
+
+
+def tracking_uri(logger: MLFlowLogger) -> str:
+    """The tracking store an MLFlowLogger writes to (its MLflow client's public ``tracking_uri``)."""
+    return logger.experiment.tracking_uri

@@ -1,0 +1,7 @@
+"""What a training run needs beyond the maths, each job in one module:
+
+- divergence: stop before the update when the loss is NaN / infinite, and record when it happened
+- resume_rng: the ResumeRNG callback (every rank's RNG streams, exact across resume, untouched by evaluation)
+- checkpoint_record: what a checkpoint remembers of the model (sample shape, objective, data)
+- checkpoint_checks: refuse a checkpoint of another objective or network before any weight is loaded
+"""
