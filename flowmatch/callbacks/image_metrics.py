@@ -104,7 +104,8 @@ class ImageSampleMetrics(L.Callback):
         from flowmatch.metrics.frechet import ensure_feature_network, load_feature_network
 
         path = ensure_feature_network(self.feature_network_path, self.feature_network_config)
-        self._features = load_feature_network(path)
+        with torch.random.fork_rng(devices=[]):  # building it draws random weights: leave the run's stream as it was
+            self._features = load_feature_network(path)
 
     def _reference_for(self, trainer, split: str) -> dict:
         """The split's halves A / B as images, A's conditions, the label captions' conditions, and FD(A, B)."""

@@ -38,7 +38,7 @@ class FlowObjective(FlowGenerator):
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none).
-        sample_shape: shape of one data sample, e.g. [2] or [16, 8, 8]; linked from the data module.
+        sample_shape: shape of one data sample, e.g. [2] or [16, 8, 8]; set from the data at setup (the CLI adds flowmatch.callbacks.data_match.MatchModelToData).
         val_levels: number of equally spaced validation times t = k / val_levels, k = 1..val_levels
             (SD3 §5.3.3 uses 8); val/loss averages all but t = 1.
         val_seed: seed of the fixed validation noise.

@@ -53,7 +53,7 @@ class FewStepDistillation(FlowGenerator):
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none).
-        sample_shape: shape of one data sample; linked from the data module.
+        sample_shape: shape of one data sample; set from the data at setup (MatchModelToData).
         init_weights: the teacher's checkpoint (its network weights start the student).
     """
 

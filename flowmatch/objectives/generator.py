@@ -54,7 +54,7 @@ class FlowGenerator(L.LightningModule):
             ``configure_model`` calls (the CLI passes one). ``self.net`` builds it on first use if nothing has yet.
         lr, weight_decay, betas: AdamW's.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none).
-        sample_shape: shape of one data sample, e.g. [2] or [16, 8, 8]; linked from the data module.
+        sample_shape: shape of one data sample, e.g. [2] or [16, 8, 8]; set from the data at setup (the CLI adds flowmatch.callbacks.data_match.MatchModelToData).
         init_weights: a checkpoint whose network weights start this run; optimizer state is not taken from it.
     """
 
