@@ -154,8 +154,10 @@ class FlowGenerator(L.LightningModule):
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)  # no decay on biases, norms, embeddings' scales
+                ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter is flat: its full shape is ds_shape
+                (no_decay if ndim < 2 else decay).append(p)  # no decay on biases, norms, embeddings' scales
         groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, which a scheduler would then miscount
         opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
         warmup = self.hparams.warmup_steps
         if warmup <= 0:
