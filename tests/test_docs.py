@@ -76,7 +76,8 @@ def setup_line(marker: str) -> str:
 
 def test_two_setup_commands_install_the_same_way_and_run_the_main_job_and_the_tests():
     main_job, tests = setup_line("main job"), setup_line("tests")
-    install = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e \".[dev]\" && "
+    # torch (the CPU wheel) in its own pip call before the project, which would otherwise pull a CUDA build
+    install = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e \".[dev]\" && "
     assert main_job == install + "python -m flowmatch fit --config experiments/mmdit_d16.yaml"
     assert tests == install + "python -m pytest -q"
     assert (REPO / "experiments" / "mmdit_d16.yaml").is_file()
