@@ -49,12 +49,8 @@ class FewStepDistillation(FlowGenerator):
         network: the student network (the teacher's architecture, to start from its weights).
         student_steps: Euler steps the student takes from t = 1 to t = 0 (1 = one-step generation).
         loss: "mse" (the paper's L2) or "pseudo_huber" (sqrt(|d|^2 + c^2) - c, c = 0.00054 sqrt(dim)).
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none).
-        sample_shape: shape of one data sample; set from the data at setup (MatchModelToData).
         init_weights: the teacher's checkpoint (its network weights start the student).
+        (lr, weight_decay, betas, warmup_steps, sample_shape as in FlowGenerator.)
     """
 
     former_names = ("OneStepDistillation",)
@@ -64,15 +60,9 @@ class FewStepDistillation(FlowGenerator):
         network: Callable[[], nn.Module] | nn.Module,
         student_steps: int = 1,
         loss: str = "mse",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        sample_shape: list[int] | None = None,
-        init_weights: str | None = None,
+        **kwargs,
     ):
-        super().__init__(network, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         sample_shape=sample_shape, init_weights=init_weights)
+        super().__init__(network, **kwargs)  # lr, weight_decay, betas, warmup_steps, sample_shape, init_weights
         if student_steps < 1:
             raise ValueError(f"student_steps must be >= 1, got {student_steps}")
         if loss not in LOSSES:
@@ -152,17 +142,11 @@ class OneStepDistillation(FewStepDistillation):
         loss: str = "mse",
         time_sampler: TimeSampler | None = None,
         weighting: str = "native",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        sample_shape: list[int] | None = None,
         val_levels: int = 8,
         val_seed: int = 0,
-        init_weights: str | None = None,
+        **kwargs,
     ):
         warnings.warn("flowmatch.objectives.distillation.OneStepDistillation is deprecated: it is now "
                       "flowmatch.objectives.distillation.FewStepDistillation (same arguments, less time_sampler, "
                       "weighting, val_levels and val_seed, which it never used)", FutureWarning, stacklevel=2)  # FutureWarning: shown to CLI users, unlike DeprecationWarning
-        super().__init__(network, student_steps=student_steps, loss=loss, lr=lr, weight_decay=weight_decay, betas=betas,
-                         warmup_steps=warmup_steps, sample_shape=sample_shape, init_weights=init_weights)
+        super().__init__(network, student_steps=student_steps, loss=loss, **kwargs)
