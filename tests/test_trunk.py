@@ -45,7 +45,7 @@ class PooledMlpNet(PatchTransformer):
     def conditioning(self):
         return ConditioningSpec(pooled_dim=self.pooled_dim)
 
-    def embed_condition(self, cond, x):
+    def embed_condition(self, cond, x, grid):
         return self.y_embedder(cond), None
 
 

@@ -135,7 +135,7 @@ class CrossDiT(PatchTransformer):
         """Training-mode dropout: pooled and tokens independently replaced by their nulls (identity in eval)."""
         return drop_text(self._check_cond(cond), self.pooled_dropout, self._streams())
 
-    def embed_condition(self, cond: dict, x: torch.Tensor) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor | None]]:
+    def embed_condition(self, cond: dict, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor | None]]:
         """MLP(pooled vector) (None without one), and the context: the embedded tokens with the cross-attention's key mask."""
         cond = self._check_cond(cond)
         check_text(cond, x.shape[0], self.pooled_dim or None, self._streams(), type(self).__name__)

@@ -189,7 +189,7 @@ class DiT(PatchTransformer):
             return self.y_embedder.drop(cond)
         return self.cond_dropout(cond)[0]
 
-    def embed_condition(self, cond: torch.Tensor | dict | None, x: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+    def embed_condition(self, cond: torch.Tensor | dict | None, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor | None, None]:
         """The condition embedding (after dropout) added to the timestep embedding, (B, hidden); no context."""
         if self.y_embedder is None:
             return None, None

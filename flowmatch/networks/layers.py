@@ -346,15 +346,16 @@ def require_keys(cond: object, keys: tuple[str, ...], network: str) -> dict:
     return cond
 
 
-def check_latents(z: object, channels: int, patch_size: int, max_grid: int, network: str, table_arg: str) -> tuple[int, int]:
+def check_latents(z: object, channels: int, patch_size: int, max_grid: int | None, network: str, table_arg: str) -> tuple[int, int]:
     """Validate latents z against a network's configuration; returns the token grid (h, w).
 
-    ``max_grid`` is the side of the position table in tokens and ``table_arg`` names the constructor
-    argument that sets it (e.g. "input_size=32" or "pos_embed_max_size=96"), so that the error says
-    what to change.
+    ``max_grid`` is the side of the position table in tokens (None: no table, any size) and ``table_arg``
+    names the constructor argument that sets it (e.g. "input_size=32" or "pos_embed_max_size=96"), so
+    that the error says what to change.
     """
     p = patch_size
-    expected = f"(B, {channels}, H, W) with H and W divisible by patch_size {p} and at most {max_grid * p} ({table_arg})"
+    limit = "" if max_grid is None else f" and at most {max_grid * p} ({table_arg})"
+    expected = f"(B, {channels}, H, W) with H and W divisible by patch_size {p}{limit}"
     if not isinstance(z, torch.Tensor) or z.dim() != 4:
         got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"{network} expects latents of shape {expected}; got {got}")
@@ -364,7 +365,7 @@ def check_latents(z: object, channels: int, patch_size: int, max_grid: int, netw
     if height % p or width % p:
         raise ValueError(f"{network}: latent height/width {height}x{width} (shape {tuple(z.shape)}) must be divisible by patch_size {p}")
     h, w = height // p, width // p
-    if h > max_grid or w > max_grid:
+    if max_grid is not None and (h > max_grid or w > max_grid):
         raise ValueError(
             f"{network}: latent {height}x{width} gives a {h}x{w} token grid, which exceeds the position table "
             f"({max_grid}x{max_grid} tokens, {table_arg}: latents up to {max_grid * p}x{max_grid * p}); raise {table_arg.split('=')[0]}"

@@ -46,6 +46,7 @@ from flowmatch.networks.layers import (
     require_keys,
     split_heads,
 )
+from flowmatch.networks.rope import apply_rope
 from flowmatch.networks.text_condition import TextStream, check_text, drop_text, null_text, require_text, text_spec
 from flowmatch.networks.trunk import PatchTransformer
 
@@ -103,13 +104,17 @@ class MMDiTBlock(nn.Module):
         )
         self.image = MMDiTStream(hidden_size, num_heads, mlp_ratio, qk_norm)
 
-    def forward(self, x: torch.Tensor, contexts: list[torch.Tensor], c: torch.Tensor, key_mask: torch.Tensor | None = None):
-        """x: image tokens (B, N, D); contexts: text token streams [(B, L_i, D)]; key_mask: bool (B, sum L_i + N) or None.
+    def forward(self, x: torch.Tensor, contexts: list[torch.Tensor], c: torch.Tensor, key_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x: image tokens (B, N, D); contexts: text token streams [(B, L_i, D)]; key_mask: bool (B, sum L_i + N) or None;
+        rope: rotary (cos, sin) of the image tokens (FLUX; text tokens sit at position 0, where the rotation is the identity).
 
         Returns (x, contexts); contexts is None after a pre-only block.
         """
         text = [stream.pre_attention(ctx, c) for stream, ctx in zip(self.text, contexts)]
         q_img, k_img, v_img, state_img = self.image.pre_attention(x, c)
+        if rope is not None:
+            q_img, k_img = apply_rope(q_img, rope), apply_rope(k_img, rope)
         k = torch.cat([s[1] for s in text] + [k_img], dim=2)
         v = torch.cat([s[2] for s in text] + [v_img], dim=2)
         if self.text_pre_only:  # only the image tokens ask queries
@@ -252,7 +257,7 @@ class MMDiT(PatchTransformer):
         becomes all True). Identity in eval mode."""
         return drop_text(self._check_cond(cond), self.pooled_dropout, self._streams())
 
-    def embed_condition(self, cond: dict, x: torch.Tensor) -> tuple[torch.Tensor, tuple[list[torch.Tensor], torch.Tensor | None]]:
+    def embed_condition(self, cond: dict, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[list[torch.Tensor], torch.Tensor | None]]:
         """MLP(pooled vector), and the context: the embedded token streams with the joint attention's key mask."""
         b = x.shape[0]
         cond = self._check_cond(cond)

@@ -1,6 +1,7 @@
 """The patch-transformer trunk that every image backbone (DiT, CrossDiT, MM-DiT) specialises.
 
     z (B, C, H, W) --patchify p--> tokens + centre crop of a fixed 2-D sin-cos position table
+                                   (no table when the blocks place tokens themselves, e.g. FLUX's RoPE)
     c       = MLP(sinusoid(1000 t)) [+ the backbone's condition vector]
     context = what the backbone's blocks read besides x and c (text tokens and their mask; None for DiT)
     N x block(x, c, context)                 (the backbone's blocks; gradient-checkpointed on request)
@@ -13,7 +14,7 @@ A backbone is a file of blocks plus a short subclass of :class:`PatchTransformer
             super().__init__(in_channels=..., hidden_size=..., ...)   # patches, positions, timestep embedder
             self.y_embedder = ...                                       # its condition embedders
             self.add_blocks(MyBlock(...) for _ in range(depth))         # blocks, final layer, initialisation
-        def embed_condition(self, cond, x): ...                         # -> (vector added to c or None, context)
+        def embed_condition(self, cond, x, grid): ...                   # -> (vector added to c or None, context)
         def run_block(self, block, x, c, context): ...                  # -> (x, context)
         conditioning = property(...)                                    # its ConditioningSpec
 
@@ -63,14 +64,15 @@ class PatchTransformer(nn.Module):
         depth: int,
         hidden_size: int,
         num_heads: int,
-        pos_embed_max_size: int,
+        pos_embed_max_size: int | None,
         pos_embed_base_size: int | None = None,
         table_arg: str,
         gradient_checkpointing: bool = False,
     ):
         """
         Args:
-            pos_embed_max_size: side of the position table in tokens (latents up to patch_size times that).
+            pos_embed_max_size: side of the position table in tokens (latents up to patch_size times that);
+                None: no absolute position table (the blocks encode positions, as FLUX's rotary embedding does).
             pos_embed_base_size: positions are arange(max) * base / max; None means integer positions.
             table_arg: the constructor argument that sets the table, with its value (e.g. "input_size=32"),
                 so that a latent too large for the table gets an error naming what to raise.
@@ -81,7 +83,7 @@ class PatchTransformer(nn.Module):
         self.table_arg = table_arg
         self.gradient_checkpointing = gradient_checkpointing
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
-        self.pos_embed = SinCosPosEmbed2D(hidden_size, pos_embed_max_size, pos_embed_base_size)
+        self.pos_embed = None if pos_embed_max_size is None else SinCosPosEmbed2D(hidden_size, pos_embed_max_size, pos_embed_base_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
 
     def add_blocks(self, blocks: Iterable[nn.Module]) -> None:
@@ -116,8 +118,8 @@ class PatchTransformer(nn.Module):
         """What this network is conditioned on (class labels, pooled vector, token streams)."""
         raise NotImplementedError
 
-    def embed_condition(self, cond: Any, x: torch.Tensor) -> tuple[torch.Tensor | None, Any]:
-        """Check ``cond`` for the image tokens x (B, N, D), apply classifier-free-guidance dropout (training
+    def embed_condition(self, cond: Any, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor | None, Any]:
+        """Check ``cond`` for the image tokens x (B, N, D) on a token grid (h, w) (N = h w, row-major), apply classifier-free-guidance dropout (training
         mode) and embed it: (a (B, D) vector added to the timestep embedding, or None; the context the blocks read)."""
         raise NotImplementedError
 
@@ -129,11 +131,13 @@ class PatchTransformer(nn.Module):
     def forward(self, z: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """Velocity / noise prediction for latents z (B, C, H, W) at times t (B,); output shaped like z."""
         name = type(self).__name__
-        h, w = check_latents(z, self.in_channels, self.patch_size, self.pos_embed.max_size, name, self.table_arg)
+        max_grid = None if self.pos_embed is None else self.pos_embed.max_size
+        h, w = check_latents(z, self.in_channels, self.patch_size, max_grid, name, self.table_arg)
         t = check_timesteps(t, z.shape[0], name)
         x = self.x_embedder(z.to(param_dtype(self)))
-        x = x + self.pos_embed(h, w).to(x.dtype)
-        vector, context = self.embed_condition(cond, x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(h, w).to(x.dtype)
+        vector, context = self.embed_condition(cond, x, (h, w))
         c = self.t_embedder(t)
         if vector is not None:
             c = c + vector
