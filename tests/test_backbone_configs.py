@@ -30,6 +30,8 @@ TRANSFORMERS = {
     "mmdit_depth38": ("flowmatch.networks.mmdit.MMDiT", 8.0e9),
     "mmdit3_depth16": ("flowmatch.networks.mmdit.MMDiT", 0.88e9),
     "crossdit_depth16": ("flowmatch.networks.crossdit.CrossDiT", None),
+    "flux_demo": ("flowmatch.networks.flux.FLUX", 9.24e6),
+    "flux_small": ("flowmatch.networks.flux.FLUX", None),
 }
 
 

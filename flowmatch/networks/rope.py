@@ -19,11 +19,13 @@ import torch
 def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
     """FLUX.1's split scaled to another head dim: 1/8 for axis 0, the rest shared by row and column
     (128 -> (16, 56, 56), 64 -> (8, 28, 28)); every part even."""
-    first = 2 * max(1, head_dim // 16)
-    rest = head_dim - first
-    if head_dim % 2 or rest % 4:
+    if head_dim % 2 or head_dim < 6:
         raise ValueError(f"no default RoPE axes split for head dim {head_dim}: give axes_dim explicitly "
                          "(even parts summing to the head dim)")
+    first = 2 * max(1, head_dim // 16)
+    if (head_dim - first) % 4:  # row and column get equal even parts
+        first += 2
+    rest = head_dim - first
     return first, rest // 2, rest // 2
 
 
