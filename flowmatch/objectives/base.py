@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from flowmatch.objectives.generator import FlowGenerator, unpack_batch
 from flowmatch.objectives.loss import FlowLoss
 from flowmatch.time_samplers import TimeSampler, UniformTime
+from flowmatch.time_shift import TimeShift
 from flowmatch.training.divergence import stop_if_not_finite
 from flowmatch.weighting import Weighting, get_weighting
 
@@ -34,6 +35,8 @@ class FlowObjective(FlowGenerator):
         time_sampler: density of training times t (uniform, logit-normal, mode, cosmap).
         weighting: loss weighting w_t by name ("native" = plain MSE of the prediction; "eps",
             "velocity", "rf", "v": see flowmatch.weighting).
+        time_shift: a shift of the drawn training times towards the noise end (flowmatch.time_shift:
+            ConstantShift(alpha), or FLUX's ResolutionShift read from each batch's latent shape); None: none.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -51,6 +54,7 @@ class FlowObjective(FlowGenerator):
         network: Callable[[], nn.Module] | nn.Module,
         time_sampler: TimeSampler | None = None,
         weighting: str = "native",
+        time_shift: TimeShift | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -64,6 +68,7 @@ class FlowObjective(FlowGenerator):
                          sample_shape=sample_shape, init_weights=init_weights)
         self.time_sampler = time_sampler if time_sampler is not None else UniformTime()
         self.weighting: Weighting = get_weighting(weighting)
+        self.time_shift = time_shift
         if val_levels < 2:
             raise ValueError(f"val_levels must be >= 2 (t = 1 is excluded from the average), got {val_levels}")
         self.val_times = [k / val_levels for k in range(1, val_levels + 1)]
@@ -71,8 +76,8 @@ class FlowObjective(FlowGenerator):
 
     @property
     def objective(self) -> FlowLoss:
-        """This module's maths as a plain-torch FlowLoss: its path, parametrisation, time sampler and weighting."""
-        return FlowLoss(self.path, self.parametrisation, self.time_sampler, self.weighting)
+        """This module's maths as a plain-torch FlowLoss: its path, parametrisation, time sampler (and shift) and weighting."""
+        return FlowLoss(self.path, self.parametrisation, self.time_sampler, self.weighting, time_shift=self.time_shift)
 
     def loss_per_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """The weighted regression loss of each sample, computed in float32."""

@@ -4,8 +4,8 @@ In the spirit of EDM's loss callables and flow_matching's ``AffineProbPath``:
 
 * :class:`VelocityField` = a path + a parametrisation: turns the network's output into the velocity
   dz/dt of the probability-flow ODE (what sampling integrates);
-* :class:`FlowLoss` = a VelocityField + a time sampler + a loss weighting: the per-sample training
-  loss, and the draws of t and noise that training makes.
+* :class:`FlowLoss` = a VelocityField + a time sampler (optionally shifted, flowmatch.time_shift) + a loss
+  weighting: the per-sample training loss, and the draws of t and noise that training makes.
 
 Time convention (docs/spec.md §1): t = 0 is data, t = 1 is noise, z_t = a_t x0 + b_t eps. The loss is
 computed in float32 whatever the network's precision::
@@ -24,7 +24,8 @@ from torch import nn
 
 from flowmatch.parametrisation import Parametrisation
 from flowmatch.paths.base import AffinePath
-from flowmatch.time_samplers import TimeSampler, UniformTime
+from flowmatch.time_samplers import _EPS, TimeSampler, UniformTime
+from flowmatch.time_shift import TimeShift
 from flowmatch.weighting import Weighting, get_weighting
 
 
@@ -49,13 +50,15 @@ class FlowLoss(VelocityField):
     ``time_sampler``, weighted by ``weighting`` (a name of flowmatch.weighting, or a Weighting).
 
     ``weighting="native"`` is the plain MSE of the prediction; the others multiply it by w_t over the
-    parametrisation's own weight (docs/spec.md §2)."""
+    parametrisation's own weight (docs/spec.md §2). ``time_shift`` (flowmatch.time_shift; None: none)
+    maps each drawn time towards the noise end, e.g. FLUX's resolution-dependent shift."""
 
     def __init__(self, path: AffinePath, parametrisation: Parametrisation, time_sampler: TimeSampler | None = None,
-                 weighting: str | Weighting = "native"):
+                 weighting: str | Weighting = "native", time_shift: TimeShift | None = None):
         super().__init__(path, parametrisation)
         self.time_sampler = time_sampler if time_sampler is not None else UniformTime()
         self.weighting = get_weighting(weighting) if isinstance(weighting, str) else weighting
+        self.time_shift = time_shift
 
     def loss_per_sample(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """The weighted regression loss of each sample (B,), computed in float32.
@@ -68,9 +71,16 @@ class FlowLoss(VelocityField):
         return mse if multiplier is None else mse * multiplier
 
     # --- the draws of training: first the times, then the noise (this order keeps runs reproducible) ------------
-    def draw_times(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """n training times from the time sampler, in float32 (drawn on the CPU generator, then moved)."""
-        return self.time_sampler.sample(n, device=device)
+    def draw_times(self, n: int, device: torch.device | str | None = None, sample_shape: torch.Size | None = None) -> torch.Tensor:
+        """n training times from the time sampler, in float32 (drawn on the CPU generator, then moved).
+
+        With a time shift the draws are then shifted (the random stream is the same as without one);
+        ``sample_shape`` is the data batch's shape, from which a resolution-dependent shift reads its alpha.
+        Shifted times stay inside the samplers' (1e-6, 1 - 1e-6)."""
+        t = self.time_sampler.sample(n, device=device)
+        if self.time_shift is None:
+            return t
+        return self.time_shift.apply(t, sample_shape).clamp(_EPS, 1.0 - _EPS)
 
     @staticmethod
     def draw_noise(x0: torch.Tensor) -> torch.Tensor:
@@ -80,10 +90,11 @@ class FlowLoss(VelocityField):
     def training_loss(self, net: nn.Module, x0: torch.Tensor, cond: Any = None, eps: torch.Tensor | None = None) -> torch.Tensor:
         """The per-sample loss (B,) of one training batch: draws t, then eps unless the batch brings its own
         (fixed (noise, data) couplings, e.g. for reflow)."""
-        t = self.draw_times(x0.shape[0], device=x0.device)
+        t = self.draw_times(x0.shape[0], device=x0.device, sample_shape=x0.shape)
         eps = self.draw_noise(x0) if eps is None else eps.float()
         return self.loss_per_sample(net, x0, t, eps, cond)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(path={self.path!r}, parametrisation={self.parametrisation!r}, "
-                f"time_sampler={self.time_sampler!r}, weighting={self.weighting!r})")
+                f"time_sampler={self.time_sampler!r}, weighting={self.weighting!r}"
+                + (f", time_shift={self.time_shift!r})" if self.time_shift is not None else ")"))

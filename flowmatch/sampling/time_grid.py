@@ -64,7 +64,9 @@ def flux_time_shift(mu: float, t: Number) -> Number:
 def time_grid(steps: int, shift: float = 1.0, kind: str = "plain", t_max: float = 1.0, t_min: float = 0.0) -> torch.Tensor:
     """Descending float64 grid of ``steps + 1`` times from ``t_max`` to exactly ``t_min`` (default 0).
 
-    kind="plain": steps + 1 evenly spaced points from 1 to 0, then the shift s(t) applied.
+    kind="plain": steps + 1 evenly spaced points from 1 to 0, then the shift s(t) applied. With
+                  ``shift=math.exp(flux_mu(tokens))`` this is FLUX's grid (black-forest-labs/flux
+                  get_schedule; diffusers' FluxPipeline: the shifted linspace(1, 1/steps, steps), then 0).
     kind="sd3":   the SD3 reference grid: ``steps`` points evenly from 1 down to s(1/1000),
                   s applied to each (so the low end is shifted twice), then 0 appended. Needed to
                   reproduce SD3's outputs with imported weights.
