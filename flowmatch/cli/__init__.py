@@ -13,6 +13,8 @@ The platform's own commands, one module each:
     prepare             images + captions -> latent/caption shards (prepare.py)
     reflow              (noise, sample) couplings of a trained flow for k-rectified flow (reflow.py)
     import-sd3          a local diffusers SD3 transformer directory -> a flowmatch checkpoint (import_sd3.py)
+    import-flux         a local diffusers FLUX.1 transformer directory -> a flowmatch checkpoint (import_flux.py)
+    export-diffusers    a checkpoint's MMDiT or FLUX -> a diffusers transformer directory (export_diffusers.py)
     convert-checkpoint  a DeepSpeed ZeRO checkpoint directory -> one checkpoint file (convert_checkpoint.py)
     compare             an HTML report comparing MLflow runs (compare.py)
     study               a whole study (variants x seeds) and its write-up in docs/results.md (study.py)

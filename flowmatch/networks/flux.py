@@ -15,8 +15,8 @@ FluxTransformer2DModel (docs/spec.md §10):
 
 The double-stream block is :class:`MMDiTBlock` with QK-norm and RoPE: the same computation. Packing is
 the trunk's patchify with patch 2 (a token holds the 2x2 latent pixels of every channel), so FLUX.1's
-"in_channels 64" is ``in_channels=16, patch_size=2`` here; import_flux.py maps diffusers' tensors, whose
-final projection orders a token's values (channel, row, column) where ours are (row, column, channel).
+"in_channels 64" is ``in_channels=16, patch_size=2`` here; flowmatch.networks.flux_import maps
+diffusers' tensors, whose final projection orders a token's values (channel, row, column) where ours are (row, column, channel).
 
 Conditioning dict (``cond``):
     "pooled":   float (B, pooled_dim)       pooled text vector (FLUX.1: CLIP-L, 768)

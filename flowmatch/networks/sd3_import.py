@@ -33,8 +33,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from flowmatch.networks.diffusers_files import (
+    check_class_name,
+    read_safetensors,
+    resolve_model_dir,
+    swap_halves,
+    write_model_dir,
+)
 from flowmatch.networks.mmdit import MMDiT
 
 #: diffusers config keys we understand; anything else is refused (it might change the architecture).
@@ -48,19 +54,13 @@ _COPY, _CAT, _SWAP = "copy", "cat", "swap"
 
 
 def _resolve_dir(directory: str | Path) -> Path:
-    path = Path(directory)
-    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
-        path = path / "transformer"  # a whole pipeline directory was given
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {path}: expected a diffusers SD3Transformer2DModel directory")
-    return path
+    """The SD3 transformer directory: ``directory`` or its ``transformer/`` (a pipeline directory)."""
+    return resolve_model_dir(directory, "SD3Transformer2DModel")
 
 
 def mmdit_kwargs_from_sd3_config(config: dict, source: str = "config.json") -> dict:
     """MMDiT constructor arguments for a diffusers SD3Transformer2DModel config dict."""
-    cls = config.get("_class_name", "SD3Transformer2DModel")
-    if cls != "SD3Transformer2DModel":
-        raise ValueError(f"{source}: _class_name is {cls!r}, expected 'SD3Transformer2DModel'")
+    check_class_name(config, "SD3Transformer2DModel", source)  # a FLUX directory is told to use the FLUX import
     unknown = sorted(k for k in config if not k.startswith("_") and k not in _CONFIG_KEYS)
     if unknown:
         raise ValueError(f"{source}: unknown SD3Transformer2DModel config key(s) {unknown}; refusing to guess their meaning")
@@ -152,41 +152,6 @@ def _unused_keys(model: MMDiT) -> list[str]:
     return keys
 
 
-def _swap_halves(x: torch.Tensor) -> torch.Tensor:
-    """(a; b) -> (b; a) along dim 0: diffusers' (scale, shift) <-> our (shift, scale)."""
-    a, b = x.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a diffusers model directory, sharded (with an index json) or not."""
-    indexes = sorted(path.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        raise ValueError(f"{path}: several safetensors index files {[p.name for p in indexes]}; keep one")
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        files = sorted({path / name for name in weight_map.values()})
-        missing_files = [str(f) for f in files if not f.is_file()]
-        if missing_files:
-            raise FileNotFoundError(f"{indexes[0]} names shard(s) that do not exist: {missing_files}")
-    else:
-        files = sorted(path.glob("*.safetensors"))
-        weight_map = None
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors file in {path}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        for name, tensor in load_file(str(f)).items():
-            if name in tensors:
-                raise ValueError(f"tensor {name!r} appears in more than one file under {path} (second: {f.name})")
-            tensors[name] = tensor
-    if weight_map is not None:
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise KeyError(f"{indexes[0]} lists tensor(s) missing from the shards: {absent}")
-    return tensors
-
-
 def load_sd3_diffusers(
     directory: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -212,7 +177,7 @@ def load_sd3_diffusers(
     with torch.device("meta"):
         model = MMDiT(**kwargs, cond_drop_prob=cond_drop_prob, gradient_checkpointing=gradient_checkpointing)
 
-    tensors = _read_safetensors(path)
+    tensors = read_safetensors(path)
     expected = dict(model.state_dict())
     rows = _key_map(model)
     needed = {name for _, names, _ in rows for name in names}
@@ -232,7 +197,7 @@ def load_sd3_diffusers(
         parts = [tensors[name] for name in theirs]
         value = torch.cat(parts, dim=0) if kind == _CAT else parts[0]
         if kind == _SWAP:
-            value = _swap_halves(value)
+            value = swap_halves(value)
         if value.shape != expected[ours].shape:
             raise ValueError(f"{path}: tensor(s) {theirs} have shape {tuple(value.shape)}, expected {tuple(expected[ours].shape)} for {ours}")
         state[ours] = value.to(dtype).contiguous()
@@ -271,7 +236,7 @@ def sd3_diffusers_state_dict(model: MMDiT) -> dict[str, torch.Tensor]:
     for ours, theirs, kind in _key_map(model):
         value = sd[ours]
         if kind == _SWAP:
-            value = _swap_halves(value)
+            value = swap_halves(value)
         parts = value.chunk(len(theirs), dim=0) if kind == _CAT else [value]
         for name, part in zip(theirs, parts):
             out[name] = part.contiguous().clone()
@@ -306,9 +271,4 @@ def save_sd3_diffusers(model: MMDiT, directory: str | Path) -> Path:
         "dual_attention_layers": [],
         "qk_norm": "rms_norm" if model.qk_norm else None,
     }
-    state = sd3_diffusers_state_dict(model)
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(state, str(path / "diffusion_pytorch_model.safetensors"))
-    return path
+    return write_model_dir(directory, config, sd3_diffusers_state_dict(model))
