@@ -66,7 +66,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="solver steps (ignored by the adaptive dopri5)")
     p.add_argument("--shift", type=float, default=1.0, help="SD3 resolution shift alpha of the time grid (1 = none; SD3 uses 3 at 1024^2)")
     p.add_argument("--grid", type=str, default="plain", help=f"time grid: one of {', '.join(GRID_KINDS)} (sd3 = SD3's reference sigmas)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w >= 0 (1 = off, 0 = unconditional)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="guidance scale w >= 0: classifier-free guidance (1 = off, 0 = unconditional), or, for a "
+                        "guidance-distilled network (FLUX with guidance_embed), the scale it takes as an input "
+                        "(one network call per step)")
     p.add_argument("--labels", type=list[int] | None, default=None, help="class labels for a class-conditional model, cycled over the samples, e.g. [0,3]")
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
@@ -153,6 +156,7 @@ def _data_facts(args, model):
 def plan(args) -> Plan:
     """Validate every option and load model, encoders and decoder; raises ValueError / OSError (nothing written)."""
     from flowmatch.objectives.loading import load_objective
+    from flowmatch.sampling.guidance import embeds_guidance
     from flowmatch.sampling.prompts import PromptError, encode_prompts, read_prompts
 
     _check_numbers(args)
@@ -169,6 +173,9 @@ def plan(args) -> Plan:
     model = load_objective(args.ckpt, map_location=args.device, weights=args.weights)
     net, name = model.net, type(model.net).__name__
     text_model = _text_conditioned(net)
+    if args.negative_prompt is not None and embeds_guidance(net):
+        raise PromptError(f"{args.ckpt}: the {name} is guidance-distilled (guidance_embed=True): it takes --guidance as an input "
+                          "and has no unconditional branch to replace with --negative_prompt; drop --negative_prompt")
     if prompts is not None and not text_model:
         raise PromptError(f"{args.ckpt}: the model ({type(model).__name__} with a {name}) is not text-conditioned; drop --prompts / --prompts_file")
     facts, source = _data_facts(args, model)

@@ -27,6 +27,7 @@ from flowmatch.objectives.loss import VelocityField
 from flowmatch.parametrisation import Parametrisation
 from flowmatch.paths.base import AffinePath
 from flowmatch.sampling import SamplerConfig, guided_velocity, sample
+from flowmatch.sampling.guidance import embeds_guidance
 from flowmatch.training.checkpoint_checks import check_checkpoint_fits
 from flowmatch.training.checkpoint_record import data_info_of_run, read_record, write_record
 from flowmatch.training.resume_rng import ResumeRNG
@@ -81,7 +82,7 @@ class FlowGenerator(L.LightningModule):
         # Built by the CLI, the hyper-parameters are the config itself (class_path / init_args), which lets
         # load_from_checkpoint rebuild network and sampler; built in Python, they are the arguments of every
         # __init__ of the class chain, less the objects that cannot be saved.
-        self.save_hyperparameters(ignore=[] if built_from_config() else ["network", "time_sampler"])
+        self.save_hyperparameters(ignore=[] if built_from_config() else ["network", "time_sampler", "time_shift"])
         self._network_factory: Callable[[], nn.Module] | None = None
         if isinstance(network, nn.Module):
             self.net = network
@@ -205,7 +206,8 @@ class FlowGenerator(L.LightningModule):
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
             noise = torch.randn((num, *self.sample_shape), generator=gen, dtype=torch.float32)
         noise = noise.to(self.device)
-        uncond = self.null_condition(cond) if sampler.guidance != 1.0 else None
+        # a guidance-distilled network takes the scale as an input and has no unconditional branch
+        uncond = self.null_condition(cond) if sampler.guidance != 1.0 and not embeds_guidance(self.net) else None
         was_training = self.net.training
         self.net.eval()
         try:

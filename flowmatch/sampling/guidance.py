@@ -1,8 +1,18 @@
-"""Classifier-free guidance (docs/spec.md §4): v = v_uncond + w (v_cond - v_uncond).
+"""Guidance at sampling time (docs/spec.md §4): classifier-free, or embedded in a guidance-distilled network.
 
-The conditional and unconditional velocities are computed in ONE network call on a doubled
-batch, so one evaluation of the guided field costs one (doubled-batch) network call: solver NFE
-counts stay comparable between guided and unguided sampling (the cost per call doubles).
+Classifier-free guidance: v = v_uncond + w (v_cond - v_uncond). The conditional and unconditional
+velocities are computed in ONE network call on a doubled batch, so one evaluation of the guided field
+costs one (doubled-batch) network call: solver NFE counts stay comparable between guided and unguided
+sampling (the cost per call doubles).
+
+Embedded guidance: a guidance-distilled network (FLUX with ``guidance_embed=True``, like FLUX.1-dev;
+flowmatch.objectives.guidance_distillation) takes the scale as an input, ``cond["guidance"]`` = w for
+every sample, and has no unconditional branch: each evaluation is one call on the plain batch, with
+no null condition. The scale w means the same (the teacher's CFG scale the network imitates), so a
+sampler spec "euler25:cfg=3" samples such a network at embedded guidance 3, at half the network work
+of real CFG. Whether a network embeds guidance is read from it (``embeds_guidance``): ``sample`` and
+``guided_velocity`` look at the network behind the velocity function (a network, or a FlowGenerator's
+bound ``velocity`` method), unless told with ``embedded``.
 """
 
 from __future__ import annotations
@@ -48,24 +58,57 @@ def _concat_conditions(cond: Any, uncond: Any, batch: int) -> Any:
     return tree_unflatten(joined, c_spec)
 
 
-def guided_velocity(
-    velocity_fn: ConditionalVelocity, cond: Any, uncond: Any, scale: float
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Return v(z, t) with classifier-free guidance at ``scale`` folded in.
+def cfg_velocity(velocity_fn: ConditionalVelocity, z: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
+                 scale: float | torch.Tensor) -> torch.Tensor:
+    """v_uncond + scale (v_cond - v_uncond) at (z, t), from one call on the doubled batch [z; z], [cond; uncond].
 
-    With scale == 1, or without an unconditional (or conditional) input, guidance is a no-op and
-    v(z, t) = velocity_fn(z, t, cond): one ordinary call. Otherwise each evaluation makes one
-    call on the doubled batch [z; z], [t; t], [cond; uncond] and combines the two halves.
+    ``scale`` is one number or one per sample, shape (B,) (guidance distillation's teacher targets)."""
+    batch = z.shape[0]
+    both = velocity_fn(torch.cat([z, z], dim=0), torch.cat([t, t], dim=0), _concat_conditions(cond, uncond, batch))
+    v_cond, v_uncond = both[:batch], both[batch:]
+    if isinstance(scale, torch.Tensor) and scale.dim() > 0:
+        if scale.shape != (batch,):
+            raise ValueError(f"a per-sample guidance scale must have shape ({batch},), got {tuple(scale.shape)}")
+        scale = scale.to(device=v_cond.device, dtype=v_cond.dtype).view(batch, *([1] * (v_cond.dim() - 1)))
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def embeds_guidance(model: Any) -> bool:
+    """Whether a network takes the guidance scale as an input (``guidance_embed`` True, e.g. FLUX.1-dev).
+
+    ``model`` is a network, an objective holding one as ``.net`` (a FlowGenerator), or a bound method of
+    either (a FlowGenerator's ``velocity``, what ``generate`` passes to ``sample``)."""
+    owner = getattr(model, "__self__", model)
+    return any(getattr(obj, "guidance_embed", False) is True for obj in (owner, getattr(owner, "net", None)))
+
+
+def with_guidance(cond: Any, scale: float, batch: int, device: torch.device | str | None = None) -> dict:
+    """``cond`` with ``"guidance"`` = ``scale`` for each of the ``batch`` samples: the input of a guidance-embedded network."""
+    if not isinstance(cond, dict):
+        raise ValueError("a guidance-embedded network takes its guidance scale as cond['guidance'] beside its text condition: "
+                         f"the condition must be a dict, got {type(cond).__name__}")
+    return {**cond, "guidance": torch.full((batch,), float(scale), device=device, dtype=torch.float32)}
+
+
+def guided_velocity(
+    velocity_fn: ConditionalVelocity, cond: Any, uncond: Any, scale: float, embedded: bool | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Return v(z, t) with guidance at ``scale`` folded in.
+
+    ``embedded`` (None: ``embeds_guidance(velocity_fn)``): the network takes the scale as
+    ``cond["guidance"]`` and each evaluation is ONE call on the plain batch, whatever the scale (1
+    included: such a network always needs it); it has no unconditional branch, so ``uncond`` must be None.
+    Otherwise classifier-free guidance: with scale == 1, or without an unconditional (or conditional)
+    input, it is a no-op and v(z, t) = velocity_fn(z, t, cond), one ordinary call; else each evaluation
+    makes one call on the doubled batch [z; z], [t; t], [cond; uncond] and combines the two halves.
     """
+    if embedded is None:
+        embedded = embeds_guidance(velocity_fn)
+    if embedded:
+        if uncond is not None:
+            raise ValueError("a guidance-embedded network (guidance_embed=True) takes the guidance scale as an input and has no "
+                             "unconditional branch: it cannot be given an unconditional or negative condition")
+        return lambda z, t: velocity_fn(z, t, with_guidance(cond, scale, z.shape[0], z.device))
     if scale == 1 or cond is None or uncond is None:
         return lambda z, t: velocity_fn(z, t, cond)
-
-    def v(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        batch = z.shape[0]
-        both = velocity_fn(
-            torch.cat([z, z], dim=0), torch.cat([t, t], dim=0), _concat_conditions(cond, uncond, batch)
-        )
-        v_cond, v_uncond = both[:batch], both[batch:]
-        return v_uncond + scale * (v_cond - v_uncond)
-
-    return v
+    return lambda z, t: cfg_velocity(velocity_fn, z, t, cond, uncond, scale)

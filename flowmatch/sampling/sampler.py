@@ -1,4 +1,4 @@
-"""One entry point for drawing samples: grid + guidance + solver (docs/spec.md §4)."""
+"""One entry point for drawing samples: grid + guidance (classifier-free or embedded) + solver (docs/spec.md §4)."""
 
 from __future__ import annotations
 
@@ -63,14 +63,18 @@ def sample(
     t_max: float = 1.0,
     progress: bool = False,
     t_min: float = 0.0,
+    embedded_guidance: bool | None = None,
 ) -> Tuple[torch.Tensor, int]:
     """Integrate dz/dt = v(z, t) from t_max (noise) to t_min (0: data); returns (x, nfe).
 
     ``velocity_fn(z, t, cond)`` is the model's velocity with t of shape (B,) in z's dtype.
-    ``nfe`` counts evaluations of the (guided) field; with CFG each is one doubled-batch call.
+    ``nfe`` counts evaluations of the (guided) field, each ONE network call: with CFG a call on the
+    doubled batch [cond; uncond], with embedded guidance (a guidance-distilled network, which gets
+    ``config.guidance`` as cond["guidance"]; ``embedded_guidance`` None = read from the network behind
+    ``velocity_fn``, see flowmatch.sampling.guidance) a call on the plain batch.
     Runs with whatever grad mode the caller set (wrap in torch.no_grad() for inference).
     """
     grid = time_grid(config.steps, shift=config.shift, kind=config.grid, t_max=t_max, t_min=t_min)
-    v = guided_velocity(velocity_fn, cond, uncond, config.guidance)
+    v = guided_velocity(velocity_fn, cond, uncond, config.guidance, embedded=embedded_guidance)
     solver = get_solver(config.solver)
     return solver(v, noise, grid, rtol=config.rtol, atol=config.atol, progress=progress)
