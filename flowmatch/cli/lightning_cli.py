@@ -121,7 +121,9 @@ class FlowCLI(LightningCLI):
             return
         from flowmatch.checkpoints import CheckpointError
 
-        diffs = [f"{k}: config {before[k]!r}, checkpoint {after[k]!r}" for k in before if before[k] != after.get(k)]
+        # keys of either side: a checkpoint of another network class has other argument names
+        diffs = [f"{k}: config {before.get(k, '(none)')!r}, checkpoint {after.get(k, '(none)')!r}"
+                 for k in [*before, *(k for k in after if k not in before)] if before.get(k) != after.get(k)]
         raise CheckpointError(f"{cfg.get('ckpt_path')} was trained with another model than this config's: "
                               + "; ".join(diffs[:6]) + ". Use the config the checkpoint was trained with.")
 
