@@ -22,7 +22,8 @@ from typing import Literal
 
 from jsonargparse import ArgumentParser
 
-from flowmatch.cli.import_sd3 import DTYPES, OBJECTIVE_CLASS, OBJECTIVES, _HelpFormatter, _lightning_version
+from flowmatch.cli.import_sd3 import (OBJECTIVE_CLASS, OBJECTIVES, _HelpFormatter, _lightning_version, check_import_options,
+                                      check_rebuilds)
 
 NETWORK_CLASS = "flowmatch.networks.flux.FLUX"
 LATENT_SIZE = 128  # FLUX.1's 1024 x 1024 images through its 8x autoencoder
@@ -106,30 +107,14 @@ def import_flux(directory: str | Path, out: str | Path, objective: str = "rf", d
     from flowmatch.networks.flux import FLUX
     from flowmatch.networks.flux_import import load_flux_diffusers
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"--objective {objective!r}: choose one of {sorted(OBJECTIVES)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
+    out = check_import_options(objective, dtype, out, force)
     if latent_size < 2 or latent_size % 2:
         raise ValueError(f"--latent-size {latent_size}: must be a positive even number (FLUX packs 2x2 latent pixels per token)")
-    out = Path(out)
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a directory; give a file name such as {out / 'model.ckpt'}")
-    if out.exists() and not force:
-        raise FileExistsError(f"--out {out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the directory of --out, {out.parent}, does not exist")
 
     path, _config, init_args = network_config(directory)
     model = load_flux_diffusers(path, dtype=getattr(torch, dtype))  # default cond_drop_prob, as FLUX(**init_args)
 
-    # the recorded init_args must rebuild exactly this architecture (names and shapes of every tensor)
-    with torch.device("meta"):
-        rebuilt = FLUX(**init_args).state_dict()
-    ours = model.state_dict()
-    if {k: tuple(v.shape) for k, v in rebuilt.items()} != {k: tuple(v.shape) for k, v in ours.items()}:
-        diff = sorted(set(rebuilt).symmetric_difference(ours)) or sorted(k for k in ours if rebuilt[k].shape != ours[k].shape)
-        raise RuntimeError(f"internal error: FLUX({init_args}) does not rebuild the imported model (differs at {diff[:5]})")
+    check_rebuilds(FLUX, init_args, model)
 
     from flowmatch.checkpoints import atomic_torch_save
 

@@ -32,6 +32,35 @@ OBJECTIVES = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
+
+def check_import_options(objective: str, dtype: str, out: str | Path, force: bool) -> Path:
+    """The options every import command shares, checked before anything is read; returns --out as a Path."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective {objective!r}: choose one of {sorted(OBJECTIVES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; give a file name such as {out / 'model.ckpt'}")
+    if out.exists() and not force:
+        raise FileExistsError(f"--out {out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the directory of --out, {out.parent}, does not exist")
+    return out
+
+
+def check_rebuilds(network_class, init_args: dict, model) -> None:
+    """The recorded init_args must rebuild exactly the imported architecture (names and shapes of every tensor)."""
+    import torch
+
+    with torch.device("meta"):
+        rebuilt = network_class(**init_args).state_dict()
+    ours = model.state_dict()
+    if {k: tuple(v.shape) for k, v in rebuilt.items()} != {k: tuple(v.shape) for k, v in ours.items()}:
+        diff = sorted(set(rebuilt).symmetric_difference(ours)) or sorted(k for k in ours if rebuilt[k].shape != ours[k].shape)
+        raise RuntimeError(f"internal error: {network_class.__name__}({init_args}) does not rebuild the imported model "
+                           f"(differs at {diff[:5]})")
+
 EXAMPLE = """example:
   python -m flowmatch import-sd3 /models/sd3-medium/transformer --out sd3_medium.ckpt
   python -m flowmatch sample --ckpt sd3_medium.ckpt ...            # or fine-tune it:
@@ -130,28 +159,12 @@ def import_sd3(directory: str | Path, out: str | Path, objective: str = "rf", dt
     from flowmatch.networks.mmdit import MMDiT
     from flowmatch.networks.sd3_import import load_sd3_diffusers
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"--objective {objective!r}: choose one of {sorted(OBJECTIVES)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
-    out = Path(out)
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a directory; give a file name such as {out / 'model.ckpt'}")
-    if out.exists() and not force:
-        raise FileExistsError(f"--out {out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the directory of --out, {out.parent}, does not exist")
+    out = check_import_options(objective, dtype, out, force)
 
     path, config, init_args = network_config(directory)
     model = load_sd3_diffusers(path, dtype=getattr(torch, dtype))  # default cond_drop_prob, as MMDiT(**init_args)
 
-    # the recorded init_args must rebuild exactly this architecture (names and shapes of every tensor)
-    with torch.device("meta"):
-        rebuilt = MMDiT(**init_args).state_dict()
-    ours = model.state_dict()
-    if {k: tuple(v.shape) for k, v in rebuilt.items()} != {k: tuple(v.shape) for k, v in ours.items()}:
-        diff = sorted(set(rebuilt).symmetric_difference(ours)) or sorted(k for k in ours if rebuilt[k].shape != ours[k].shape)
-        raise RuntimeError(f"internal error: MMDiT({init_args}) does not rebuild the imported model (differs at {diff[:5]})")
+    check_rebuilds(MMDiT, init_args, model)
 
     from flowmatch.checkpoints import atomic_torch_save
 
