@@ -67,24 +67,20 @@ def _install(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
-def export_diffusers(ckpt: str | Path, out: str | Path, weights: str = "auto", dtype: str = "keep", force: bool = False) -> dict:
-    """Rebuild the checkpoint's objective, write its network in diffusers' layout; returns a summary dict."""
+def write_network(net, out: Path, dtype: str = "keep", force: bool = False, source: str = "checkpoint") -> str:
+    """Write a plain (adapter-free) network in its diffusers layout into ``out``; returns the diffusers class.
+    Nothing under ``out`` changes unless the whole export succeeds."""
     import importlib
 
     import torch
 
-    from flowmatch.objectives.loading import load_objective
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
-    out = Path(out)
-    _check_out(out, force)
-    model = load_objective(ckpt, weights=weights)
-    net = model.net
     name = type(net).__name__
     if name not in EXPORTERS:
-        raise ValueError(f"{ckpt}: its network is {type(net).__module__}.{name}, which has no diffusers layout here; "
+        raise ValueError(f"{source}: its network is {type(net).__module__}.{name}, which has no diffusers layout here; "
                          f"export-diffusers writes {', '.join(f'{k} (as {v[0]})' for k, v in EXPORTERS.items())}")
+    _check_out(out, force)
     diffusers_class, module, function = EXPORTERS[name]
     if dtype != "keep":
         net = net.to(getattr(torch, dtype))
@@ -96,9 +92,28 @@ def export_diffusers(ckpt: str | Path, out: str | Path, weights: str = "auto", d
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return {"ckpt": str(ckpt), "out": str(out), "network": name, "diffusers_class": diffusers_class,
+    return diffusers_class
+
+
+def export_diffusers(ckpt: str | Path, out: str | Path, weights: str = "auto", dtype: str = "keep", force: bool = False) -> dict:
+    """Rebuild the checkpoint's objective, write its network in diffusers' layout; returns a summary dict.
+    A LoRA run's adapter is merged into the base weights first."""
+    from flowmatch.adapters.lora import has_lora, merge_lora
+    from flowmatch.objectives.loading import load_objective
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
+    out = Path(out)
+    _check_out(out, force)
+    model = load_objective(ckpt, weights=weights)
+    net = model.net
+    merged = has_lora(net)
+    if merged:
+        merge_lora(net)
+    diffusers_class = write_network(net, out, dtype, force, source=str(ckpt))
+    return {"ckpt": str(ckpt), "out": str(out), "network": type(net).__name__, "diffusers_class": diffusers_class,
             "weights": model.loaded_weights, "parameters": sum(p.numel() for p in net.parameters()),
-            "dtype": str(next(net.parameters()).dtype).removeprefix("torch.")}
+            "dtype": "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in net.parameters()})), "merged_lora": merged}
 
 
 def main(argv: list[str]) -> int:
@@ -111,6 +126,7 @@ def main(argv: list[str]) -> int:
             msg = f"{err.filename}: {err.strerror}"
         print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 1
-    print(f"exported {s['network']} ({s['parameters']:,} parameters, {s['weights']} weights, {s['dtype']}) from {s['ckpt']}")
+    merged = " with its LoRA adapter merged" if s["merged_lora"] else ""
+    print(f"exported {s['network']} ({s['parameters']:,} parameters, {s['weights']} weights, {s['dtype']}){merged} from {s['ckpt']}")
     print(f"wrote {s['out']} as a diffusers {s['diffusers_class']} (load with {s['diffusers_class']}.from_pretrained)")
     return 0

@@ -16,6 +16,7 @@ COMMANDS = {
     "import-sd3": ("flowmatch.cli.import_sd3", "convert a local diffusers SD3 transformer directory into a flowmatch checkpoint: DIR --out model.ckpt"),
     "import-flux": ("flowmatch.cli.import_flux", "convert a local diffusers FLUX.1 transformer directory into a flowmatch checkpoint: DIR --out model.ckpt"),
     "export-diffusers": ("flowmatch.cli.export_diffusers", "write a checkpoint's MMDiT or FLUX as a diffusers transformer directory: --ckpt CKPT --out DIR"),
+    "export-lora": ("flowmatch.cli.export_lora", "write a LoRA run's adapter as a diffusers LoRA file (or --merge: full weights): CKPT --out DIR"),
     "convert-checkpoint": ("flowmatch.cli.convert_checkpoint", "consolidate a DeepSpeed ZeRO checkpoint directory into one file: DIR --out model.ckpt"),
     "compare": ("flowmatch.cli.compare", "HTML report comparing MLflow runs: --experiment NAME --out report/"),
     "study": ("flowmatch.cli.study", "run a whole study (variants x seeds, tracked in MLflow) and write docs/results.md: NAME --budget small"),

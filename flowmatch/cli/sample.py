@@ -52,7 +52,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter)
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m flowmatch sample", description=__doc__, exit_on_error=True, formatter_class=_HelpFormatter)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
-    p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by `python -m flowmatch fit` (or import-sd3)")
+    p.add_argument("--ckpt", type=str | None, default=None,
+                   help="checkpoint written by `python -m flowmatch fit` (or import-sd3 / import-flux); required")
+    p.add_argument("--adapter", type=str | None, default=None,
+                   help="a LoRA adapter for the --ckpt base, applied without merging: a diffusers LoRA file or directory "
+                        "(pytorch_lora_weights.safetensors, from export-lora or diffusers' training scripts)")
+    p.add_argument("--adapter_scale", type=float, default=1.0,
+                   help="scale of the LoRA update (--adapter's, or a LoRA run's own): 0 = the base model, 1 = as trained")
     p.add_argument("--out", type=str, default="samples", help="output directory (created if missing)")
     p.add_argument("--prompts", type=str, default=None, nargs="+",
                    help='text prompts for a text-conditioned image model, e.g. --prompts "a 7" "a thick three"')
@@ -153,6 +159,31 @@ def _data_facts(args, model):
     return (LatentDataFacts.from_record(info), "checkpoint") if info else (None, None)
 
 
+def _load_model(args, load_objective):
+    """The --ckpt model, with --adapter attached and the adapter scale set."""
+    from flowmatch.adapters.lora import has_lora, set_lora_scale
+
+    if args.ckpt is None:
+        what = f"--adapter {args.adapter} is a LoRA for a base model: give that base" if args.adapter else "give"
+        raise ValueError(f"{what} with --ckpt CKPT (a checkpoint of `fit`, import-sd3 or import-flux)")
+    if not math.isfinite(args.adapter_scale):
+        raise ValueError(f"--adapter_scale must be a finite number, got {args.adapter_scale}")
+    model = load_objective(args.ckpt, map_location=args.device, weights=args.weights)
+    if args.adapter is not None:
+        from flowmatch.adapters.diffusers_lora import attach_lora
+
+        if has_lora(model.net):
+            raise ValueError(f"{args.ckpt} already carries a LoRA adapter (a LoRA run's checkpoint); give its base as --ckpt, "
+                             "or merge it first (python -m flowmatch export-lora ... --merge)")
+        attach_lora(model.net, args.adapter)
+        model.net.to(args.device)
+    if args.adapter_scale != 1.0:
+        if not has_lora(model.net):
+            raise ValueError(f"--adapter_scale {args.adapter_scale}: {args.ckpt} carries no LoRA adapter; give one with --adapter")
+        set_lora_scale(model.net, args.adapter_scale)
+    return model
+
+
 def plan(args) -> Plan:
     """Validate every option and load model, encoders and decoder; raises ValueError / OSError (nothing written)."""
     from flowmatch.objectives.loading import load_objective
@@ -170,7 +201,7 @@ def plan(args) -> Plan:
             raise PromptError("--negative_prompt needs --prompts (or --prompts_file)")
         if args.guidance == 1:
             raise PromptError("--negative_prompt has no effect with --guidance 1 (guidance off): give --guidance, e.g. 4")
-    model = load_objective(args.ckpt, map_location=args.device, weights=args.weights)
+    model = _load_model(args, load_objective)
     net, name = model.net, type(model.net).__name__
     text_model = _text_conditioned(net)
     if args.negative_prompt is not None and embeds_guidance(net):
@@ -353,7 +384,8 @@ def _main_images(args, p: Plan) -> int:
     np.save(out / "latents.npy", latents.astype(np.float32))
     config = p.config
     info = {
-        "ckpt": str(args.ckpt), "objective": type(p.model).__name__, "network": type(p.model.net).__name__,
+        "ckpt": str(args.ckpt), "adapter": args.adapter, "adapter_scale": args.adapter_scale,
+        "objective": type(p.model).__name__, "network": type(p.model.net).__name__,
         "mode": "text-to-image" if p.prompts is not None else ("class labels" if p.cond is not None else "unconditional"),
         "prompts": p.prompts, "negative_prompt": args.negative_prompt, "labels": args.labels,
         "num_per_prompt": p.num if p.prompts is not None else None, "num": len(images),

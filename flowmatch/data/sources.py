@@ -6,6 +6,8 @@ label, where the image came from) and loads the images of any slice of it on dem
 
 - ``demo``: scikit-learn's digits (flowmatch.data.digits), 1 channel; original caption "a 7",
   synthetic caption from the describer.
+- ``sideways``: the LoRA demo's new concept (flowmatch.data.sideways): every demo digit upright with its
+  own captions and turned 90 degrees with captions using a new word ("a sideways 7"), on the demo's split.
 - a folder: every .png / .jpg / .jpeg / .bmp / .webp below it (sorted); the caption is in a
   sidecar ``NAME.txt`` (else the file name, underscores as spaces), the synthetic caption in
   ``NAME.syn.txt`` (else the original caption is used for both: the sample then takes no part in mixing).
@@ -153,16 +155,22 @@ class JsonlSource(_FileSource):
 
 
 def open_source(source: str, size: int | None = None, channels: int | None = None) -> Source:
-    """``demo``, a folder of images, or a .jsonl file (see the module docstring)."""
+    """``demo``, ``sideways``, a folder of images, or a .jsonl file (see the module docstring)."""
     if source == "demo":
         if channels not in (None, 1):
             raise SourceError("the demo digits have 1 channel (--channels 1)")
         return DemoDigits(size or 32)
+    if source == "sideways":
+        if channels not in (None, 1):
+            raise SourceError("the sideways demo digits have 1 channel (--channels 1)")
+        from flowmatch.data.sideways import SidewaysDigits
+
+        return SidewaysDigits(size or 32)
     path = Path(source)
     if path.is_dir():
         return ImageFolder(path, size or 256, channels or 3)
     if path.suffix == ".jsonl":
         return JsonlSource(path, size or 256, channels or 3)
     if not path.exists():
-        raise SourceError(f"source {source!r}: not 'demo' and no such file or folder")
-    raise SourceError(f"source {source!r}: expected 'demo', a folder of images or a .jsonl file")
+        raise SourceError(f"source {source!r}: not 'demo' or 'sideways' and no such file or folder")
+    raise SourceError(f"source {source!r}: expected 'demo', 'sideways', a folder of images or a .jsonl file")

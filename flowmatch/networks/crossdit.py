@@ -63,6 +63,9 @@ class CrossDiTBlock(nn.Module):
 class CrossDiT(PatchTransformer):
     """DiT + cross-attention to text tokens, called as ``net(z, t, cond)`` with the dict in this module's docstring."""
 
+    #: default LoRA targets (flowmatch.adapters): self- and cross-attention and MLP of every block
+    lora_target_modules = (r"blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q|kv|proj)|mlp\.fc[12])",)
+
     def __init__(
         self,
         size: str | None = "S",

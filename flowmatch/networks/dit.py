@@ -102,6 +102,9 @@ class DiT(PatchTransformer):
     the latent/caption shards (``{"pooled", "tokens", "mask"}``) and uses its pooled vector only.
     """
 
+    #: default LoRA targets (flowmatch.adapters): attention and MLP of every block
+    lora_target_modules = (r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",)
+
     def __init__(
         self,
         size: str | None = "S",

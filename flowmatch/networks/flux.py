@@ -85,6 +85,10 @@ class FLUX(PatchTransformer):
     ``single_blocks`` are views of the two parts.
     """
 
+    #: default LoRA targets (flowmatch.adapters): the double blocks' attention projections of both streams and the
+    #: single blocks' fused input (q, k, v, MLP in) and output projections
+    lora_target_modules = (r"blocks\.\d+\.(image|text\.\d+)\.(qkv|proj)", r"blocks\.\d+\.linear[12]")
+
     def __init__(
         self,
         num_double_blocks: int = 2,

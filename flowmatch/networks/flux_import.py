@@ -168,6 +168,12 @@ def _key_map(model: FLUX) -> list[_Row]:
     return rows
 
 
+def diffusers_key_map(model: FLUX) -> list[_Row]:
+    """Every parameter of ``model`` with the diffusers tensors it maps to and how ("copy", "cat" with the rows of
+    each part, "swap", "patch_in", "patch_out"); flowmatch.adapters.diffusers_lora maps LoRA updates with it."""
+    return _key_map(model)
+
+
 def _token_order(x: torch.Tensor, channels: int, to_ours: bool) -> torch.Tensor:
     """Permute the rows of the final projection: diffusers' (channel, row, column) <-> our (row, column, channel)."""
     rest = x.shape[1:]

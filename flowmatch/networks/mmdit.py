@@ -131,6 +131,9 @@ class MMDiTBlock(nn.Module):
 class MMDiT(PatchTransformer):
     """SD3's MM-DiT, called as ``net(z, t, cond)`` with ``cond`` the dict described in this module's docstring."""
 
+    #: default LoRA targets (flowmatch.adapters): attention q/k/v and output projections of every stream
+    lora_target_modules = (r"blocks\.\d+\.(image|text\.\d+)\.(qkv|kv|proj)",)
+
     def __init__(
         self,
         depth: int = 4,

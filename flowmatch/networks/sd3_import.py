@@ -137,6 +137,17 @@ def _key_map(model: MMDiT) -> list[tuple[str, list[str], str]]:
     return rows
 
 
+def diffusers_key_map(model: MMDiT) -> list[tuple[str, list[str], str]]:
+    """Every parameter of ``model`` with the diffusers tensors it maps to and how ("copy", "cat": rows stacked,
+    "swap": halves swapped); flowmatch.adapters.diffusers_lora maps LoRA updates with it."""
+    return _key_map(model)
+
+
+def diffusers_unused_keys(model: MMDiT) -> list[str]:
+    """diffusers tensors that exist but never influence its output (the last block's text query)."""
+    return _unused_keys(model)
+
+
 def sd3_unused_query_params(hidden_size: int, num_heads: int, qk_norm: bool = False) -> int:
     """Parameters a diffusers SD3 checkpoint stores for the last block's (discarded) text query, per text stream:
     add_q_proj (weight and bias) and, with QK-norm, norm_added_q. Our MMDiT has no such tensors."""

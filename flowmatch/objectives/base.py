@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from flowmatch.adapters.lora import LoraAdapter
 from flowmatch.objectives.generator import FlowGenerator, unpack_batch
 from flowmatch.objectives.loss import FlowLoss
 from flowmatch.time_samplers import TimeSampler, UniformTime
@@ -47,6 +48,8 @@ class FlowObjective(FlowGenerator):
         val_seed: seed of the fixed validation noise.
         init_weights: a checkpoint (from `fit` or `import-sd3`) whose network weights start this run,
             e.g. to fine-tune an imported SD3 model; optimizer state is not taken from it.
+        adapter, trainable, frozen_dtype: fine-tuning (a LoRA adapter, parameter-name patterns to train, the dtype of
+            the frozen rest): see flowmatch.objectives.generator.FlowGenerator and docs/fine_tuning.md.
     """
 
     def __init__(
@@ -63,9 +66,13 @@ class FlowObjective(FlowGenerator):
         val_levels: int = 8,
         val_seed: int = 0,
         init_weights: str | None = None,
+        adapter: LoraAdapter | None = None,
+        trainable: list[str] | None = None,
+        frozen_dtype: str | None = None,
     ):
         super().__init__(network, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         sample_shape=sample_shape, init_weights=init_weights)
+                         sample_shape=sample_shape, init_weights=init_weights, adapter=adapter, trainable=trainable,
+                         frozen_dtype=frozen_dtype)
         self.time_sampler = time_sampler if time_sampler is not None else UniformTime()
         self.weighting: Weighting = get_weighting(weighting)
         self.time_shift = time_shift

@@ -22,6 +22,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from flowmatch.adapters.fine_tuning import FineTuning
+from flowmatch.adapters.freezing import trainable_summary
+from flowmatch.adapters.lora import LoraAdapter, as_adapter
+from flowmatch.checkpoints.fingerprint import weights_fingerprint
 from flowmatch.lightning_compat import built_from_config
 from flowmatch.objectives.loss import VelocityField
 from flowmatch.parametrisation import Parametrisation
@@ -57,6 +61,16 @@ class FlowGenerator(L.LightningModule):
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none).
         sample_shape: shape of one data sample, e.g. [2] or [16, 8, 8]; set from the data at setup (the CLI adds flowmatch.callbacks.data_match.MatchModelToData).
         init_weights: a checkpoint whose network weights start this run; optimizer state is not taken from it.
+        adapter: fine-tune with a LoRA adapter (flowmatch.adapters.LoraAdapter: rank, alpha, target_modules,
+            dropout, init): only the adapter (and ``trainable``) trains; the rest of the network is frozen.
+        trainable: fine-tune only the parameters whose names match one of these regular expressions (e.g.
+            ``final_layer\\..*``, ``.*adaLN_modulation.*``); with an adapter, these train beside it.
+        frozen_dtype: hold the frozen parameters in this dtype ("bfloat16" halves the base's memory); the trained
+            ones and their optimizer state stay float32. Fine-tuning runs only.
+
+    In a fine-tuning run (adapter or trainable) whose base comes from ``init_weights``, checkpoints hold the
+    trained parameters only (the adapter, not a second copy of the base); loading one reads the base from
+    ``init_weights`` again and checks it is the same base (its fingerprint).
     """
 
     path: AffinePath
@@ -77,6 +91,9 @@ class FlowGenerator(L.LightningModule):
         warmup_steps: int = 0,
         sample_shape: list[int] | None = None,
         init_weights: str | None = None,
+        adapter: LoraAdapter | None = None,
+        trainable: list[str] | None = None,
+        frozen_dtype: str | None = None,
     ):
         super().__init__()
         # Built by the CLI, the hyper-parameters are the config itself (class_path / init_args), which lets
@@ -91,8 +108,10 @@ class FlowGenerator(L.LightningModule):
         else:
             raise TypeError(f"network must be an nn.Module or a factory returning one, got {type(network).__name__}")
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
-        if init_weights and self._network_factory is None:  # (a network from a factory takes them in configure_model)
-            self._load_network_weights(init_weights)
+        self.fine_tuning = FineTuning(as_adapter(adapter), list(trainable or []), frozen_dtype)
+        self.stored_lora_layout = None  # set by load_objective: the adapter layout a checkpoint was trained with
+        if self._network_factory is None:  # (a network from a factory is prepared in configure_model)
+            self._prepare_network()
 
     # --- the network: given, or built lazily ------------------------------------------------------
     @property
@@ -117,19 +136,54 @@ class FlowGenerator(L.LightningModule):
         if not isinstance(network, nn.Module):
             raise TypeError(f"the network factory returned {type(network).__name__}, not an nn.Module")
         self.net = network
+        self._prepare_network()
+
+    def _prepare_network(self) -> None:
+        """Start from ``init_weights``, then set up fine-tuning (adapter, frozen parameters and their dtype)."""
+        base = None
         if self.hparams.get("init_weights"):
-            self._load_network_weights(self.hparams.init_weights)
+            base = self._load_network_weights(self.hparams.init_weights)
+        self.fine_tuning.apply(self._modules["net"], base_fingerprint=base, layout=self.stored_lora_layout)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self.configure_model()  # a lazily built network must exist before its weights can be loaded
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        frozen = self._frozen_from_base()
+        if not frozen:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        # a fine-tuning checkpoint holds the trained parameters only: the frozen ones came from init_weights
+        missing, unexpected = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in missing if k not in frozen]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"the checkpoint does not fit this fine-tuning run: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
-    def _load_network_weights(self, path: str) -> None:
-        """Copy the network weights of another checkpoint into this one's network (shapes must match)."""
+    def state_dict(self, *args, **kwargs):
+        """The module's state; in a fine-tuning run from ``init_weights``, without the frozen base (read from there again)."""
+        state = super().state_dict(*args, **kwargs)
+        frozen = self._frozen_from_base()
+        if frozen:
+            prefix = kwargs.get("prefix", "")
+            for key in [k for k in state if k[len(prefix):] in frozen]:
+                del state[key]
+        return state
+
+    def _frozen_from_base(self) -> set[str]:
+        """Names of the frozen parameters that ``init_weights`` provides (none outside a fine-tuning run from it)."""
+        if not self.hparams.get("init_weights") or not self.network_built:
+            return set()
+        return {"net." + n for n in self.fine_tuning.frozen_names}
+
+    def _load_network_weights(self, path: str) -> str:
+        """Copy the network weights of another checkpoint into this one's network (shapes must match);
+        returns the fingerprint of those weights."""
         from flowmatch.checkpoints import CheckpointError, read_weights
         from flowmatch.strategies.zero3 import gathered
 
-        state = read_weights(path)["state_dict"]
+        ckpt = read_weights(path)
+        if ckpt.get("frozen_base"):
+            raise CheckpointError(f"init_weights {path} is a fine-tuning checkpoint (it holds only the trained part of its network): "
+                                  "start from its base, or merge it first: python -m flowmatch export-lora ... --merge")
+        state = ckpt["state_dict"]
         net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         net = self._modules["net"]
         with gathered(net.parameters(), modifier_rank=0):  # ZeRO-3: load into the full tensors, re-shard after
@@ -138,6 +192,7 @@ class FlowGenerator(L.LightningModule):
             raise CheckpointError(
                 f"init_weights {path} does not fit this network: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        return weights_fingerprint(net_state)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         return self.net(z, t, cond)
@@ -225,11 +280,21 @@ class FlowGenerator(L.LightningModule):
     def configure_callbacks(self):
         return [ResumeRNG()]
 
+    def on_fit_start(self) -> None:
+        if self.fine_tuning.active:
+            self.fine_tuning.check_precision(self.net, self.trainer.precision)
+            if self.trainer.is_global_zero:
+                print(f"fine-tuning {type(self.net).__name__}:\n{trainable_summary(self.net)}", flush=True)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         write_record(checkpoint, self.sample_shape, type(self).__name__, data_info_of_run(self._trainer, self.data_info))
+        if self.network_built:
+            self.fine_tuning.record(checkpoint, self.hparams.get("init_weights") if self._frozen_from_base() else None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_fits(self, checkpoint, accepted_objectives=(type(self).__name__, *self.former_names))
+        if self.network_built:
+            self.fine_tuning.check_checkpoint(checkpoint)
         shape, data = read_record(checkpoint)
         if shape is not None:
             self.sample_shape = shape

@@ -12,12 +12,15 @@ from typing import Any
 
 import torch
 
+from flowmatch.adapters.fine_tuning import base_path_of, stored_layout
 from flowmatch.checkpoints import CheckpointError, Weights, read_weights, select_weights
 from flowmatch.objectives.generator import FlowGenerator
 
 
-def build_objective(hparams: dict[str, Any], source: str = "checkpoint") -> FlowGenerator:
-    """Instantiate the objective (with its network) from the hyper-parameters the CLI saved."""
+def build_objective(hparams: dict[str, Any], source: str = "checkpoint", keep_init_weights: bool = False) -> FlowGenerator:
+    """Instantiate the objective (with its network) from the hyper-parameters the CLI saved.
+
+    ``keep_init_weights``: keep the run's init_weights (a fine-tuning checkpoint reads its frozen base from there)."""
     from jsonargparse import ArgumentParser
 
     if "_class_path" not in hparams or "network" not in hparams:
@@ -26,7 +29,7 @@ def build_objective(hparams: dict[str, Any], source: str = "checkpoint") -> Flow
             "was it written by `python -m flowmatch fit`?"
         )
     # init_weights only seeded the original run; the checkpoint's own weights replace them anyway
-    init_args = {k: v for k, v in hparams.items() if not k.startswith("_") and k != "init_weights"}
+    init_args = {k: v for k, v in hparams.items() if not k.startswith("_") and (keep_init_weights or k != "init_weights")}
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(FlowGenerator, "model", fail_untyped=False)
     cfg = parser.parse_object({"model": {"class_path": hparams["_class_path"], "init_args": init_args}})
@@ -41,7 +44,17 @@ def load_objective(path: str | Path, map_location: str | torch.device = "cpu", w
     A DeepSpeed checkpoint directory is consolidated on the fly (convert-checkpoint does it once).
     """
     ckpt = read_weights(path, map_location)
-    model = build_objective(ckpt.get("hyper_parameters", {}), source=str(path))
+    hparams = dict(ckpt.get("hyper_parameters", {}))
+    base = base_path_of(ckpt)
+    if base is not None:  # a fine-tuning checkpoint: the frozen base is read from its init_weights again
+        if not base.exists():
+            raise CheckpointError(f"{path} holds only the fine-tuned part of its network (e.g. a LoRA adapter); its frozen "
+                                  f"base is read from init_weights {base}, which does not exist: put the base checkpoint there")
+        adapter = hparams.get("adapter")
+        if isinstance(adapter, dict) and adapter.get("init"):  # the layout is the checkpoint's; the init file is not needed
+            hparams["adapter"] = {**adapter, "init": None}
+    model = build_objective(hparams, source=str(path), keep_init_weights=base is not None)
+    model.stored_lora_layout = stored_layout(ckpt)
     model.configure_model()
     state, which = select_weights(ckpt, weights, source=str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
