@@ -5,8 +5,8 @@
 
 The adapter file holds diffusers' ``transformer.``-prefixed peft names, as a pipeline's ``save_lora_weights``
 writes them: ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` loaded from the same base (export-diffusers
-of the base checkpoint) and given it with ``load_lora_adapter(DIR, prefix="transformer")`` (or a pipeline's
-``load_lora_weights(DIR)``) computes what the fine-tuned model does here. The scale alpha / rank is folded
+of the base checkpoint) and given it with a pipeline's ``load_lora_weights(DIR)`` (or the model's
+``load_lora_adapter(DIR, prefix="transformer", weight_name="pytorch_lora_weights.safetensors")``) computes what the fine-tuned model does here. The scale alpha / rank is folded
 into lora_B (diffusers assumes alpha = rank without metadata). Our fused q/k/v layers become diffusers'
 separate ones with the same lora_A and lora_B's row blocks (flowmatch.adapters.diffusers_lora).
 
@@ -30,7 +30,7 @@ from flowmatch.cli.import_sd3 import _HelpFormatter
 EXAMPLE = """examples:
   python -m flowmatch export-lora runs/checkpoints/last.ckpt --out exported/lora
   python -m flowmatch sample --ckpt base.ckpt --adapter exported/lora --adapter_scale 0.8 --prompts "a sideways 7"
-  python -c "from diffusers import SD3Transformer2DModel as T; m = T.from_pretrained('base_dir'); m.load_lora_adapter('exported/lora', prefix='transformer')"
+  python -c "from diffusers import SD3Transformer2DModel as T; m = T.from_pretrained('base_dir'); m.load_lora_adapter('exported/lora', prefix='transformer', weight_name='pytorch_lora_weights.safetensors')"
 """
 
 
@@ -96,6 +96,8 @@ def export_lora(ckpt: str | Path, out: str | Path, merge: bool = False, weights:
 
 
 def main(argv: list[str]) -> int:
+    from flowmatch.adapters.diffusers_lora import LORA_FILE
+
     args = build_parser().parse_args(argv)
     try:
         s = export_lora(args.ckpt, args.out, args.merge, args.weights, args.dtype, args.force)
@@ -111,5 +113,5 @@ def main(argv: list[str]) -> int:
     else:
         print(f"exported the LoRA adapter of {s['ckpt']}: {s['layers']} {s['network']} layers -> {s['diffusers_layers']} diffusers "
               f"layers, rank {'/'.join(map(str, s['ranks']))}, {s['parameters']:,} parameters, {s['weights']} weights")
-        print(f"wrote {s['file']} (diffusers: transformer.load_lora_adapter(DIR, prefix='transformer') or pipe.load_lora_weights(DIR))")
+        print(f"wrote {s['file']} (diffusers: pipe.load_lora_weights(DIR), or transformer.load_lora_adapter(DIR, prefix='transformer', weight_name='{LORA_FILE}'))")
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from flowmatch.data.digits import describe_digits, load_digit_images, original_caption, split_indices
+from flowmatch.data.sideways import ROTATED_TAG, describe_sideways, rotate_ccw, sideways_caption
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
@@ -78,6 +79,50 @@ class DemoDigits(Source):
 
     def load_images(self, records: list[Record]) -> np.ndarray:
         return np.stack([self._images[r.source] for r in records]) if records else np.zeros((0, 1, self.size, self.size), np.float32)
+
+
+class SidewaysDigits(Source):
+    """The demo digits upright (their own captions) and turned 90 degrees counter-clockwise (captions with the
+    new word "sideways"), two records per digit, on the demo's split (flowmatch.data.sideways says why and how)."""
+
+    name = "sideways"
+
+    def __init__(self, size: int = 32):
+        self.size, self.channels = size, 1
+        self.demo = DemoDigits(size)
+        sources = [r.source for r in self.demo.records]
+        upright = self.demo.load_images(self.demo.records)
+        rotated = rotate_ccw(upright)
+        labels = np.array([r.label for r in self.demo.records])
+        syn = describe_sideways(upright, rotated, labels)
+        self._rotated = dict(zip(sources, rotated))
+        self._turned: dict[str, Record] = {
+            r.source: Record(sideways_caption(r.label), s, r.source + ROTATED_TAG, r.label) for r, s in zip(self.demo.records, syn)
+        }
+        self.records = [rec for r in self.demo.records for rec in (r, self._turned[r.source])]
+
+    @staticmethod
+    def is_rotated(record: Record) -> bool:
+        return record.source.endswith(ROTATED_TAG)
+
+    def splits(self, seed: int, val_fraction: float, test_fraction: float, limit: int | None) -> dict[str, list[Record]]:
+        """The demo's split (same seed, fractions and ``limit``), each digit followed by its rotated twin."""
+        demo = self.demo.splits(seed, val_fraction, test_fraction, limit)
+        return {split: [rec for r in recs for rec in (r, self._turned[r.source])] for split, recs in demo.items()}
+
+    def load_images(self, records: list[Record]) -> np.ndarray:
+        if not records:
+            return np.zeros((0, 1, self.size, self.size), np.float32)
+        out = []
+        for r in records:
+            if self.is_rotated(r):
+                key = r.source[: -len(ROTATED_TAG)]
+                if key not in self._rotated:
+                    raise SourceError(f"sideways source: no digit {key!r} (record {r.source!r})")
+                out.append(self._rotated[key])
+            else:
+                out.append(self.demo.load_images([r])[0])
+        return np.stack(out)
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
@@ -163,8 +208,6 @@ def open_source(source: str, size: int | None = None, channels: int | None = Non
     if source == "sideways":
         if channels not in (None, 1):
             raise SourceError("the sideways demo digits have 1 channel (--channels 1)")
-        from flowmatch.data.sideways import SidewaysDigits
-
         return SidewaysDigits(size or 32)
     path = Path(source)
     if path.is_dir():

@@ -38,6 +38,9 @@ class MLPVelocity(nn.Module):
         cond_drop_prob: Probability, in training mode, of replacing a label by the null class.
     """
 
+    #: default LoRA targets (flowmatch.adapters): the trunk's linear layers (the output layer is 2 wide)
+    lora_target_modules = (r"trunk\.\d+",)
+
     def __init__(
         self,
         dim: int = 2,
