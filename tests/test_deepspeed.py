@@ -8,7 +8,8 @@ directory consolidates with `python -m flowmatch convert-checkpoint` into one fi
 reads, with the EMA weights (ZeRO-3: joined from the two ranks' files, checked exactly against the
 shards joined in memory, and validation checked to run with them); ZeRO-2: resuming from a mid-run checkpoint ends at the weights (and EMA) of the
 uninterrupted run, to float rounding. Plus ZeRO-3 construction: MM-DiT's initialize_weights runs on gathered
-parameters while deepspeed.zero.Init shards the network as it is built.
+parameters while deepspeed.zero.Init shards the network as it is built. And a LoRA run under ZeRO-2: its
+checkpoint holds the adapter alone, consolidates, and rebuilds with the base read from init_weights.
 """
 
 from __future__ import annotations
@@ -208,3 +209,34 @@ def test_gpu_smoke_script_dry_run_on_cpu(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     for line in ("CPU DRY RUN", "samples / s", "MFU", "peak memory", "optimizer state per rank"):
         assert line in out.stdout, line
+
+
+def test_zero2_lora_run_holds_and_consolidates_the_adapter(tmp_path):
+    """A LoRA fine-tuning run under ZeRO-2 on 2 CPU processes: the adapter trains, the sharded checkpoint holds the
+    adapter and not the base, consolidates, and load_objective rebuilds base + adapter from it."""
+    from flowmatch.checkpoints import read_checkpoint
+    from flowmatch.networks.mmdit import MMDiT
+    from flowmatch.objectives.loading import load_objective
+
+    from helpers_models import randomize
+
+    torch.manual_seed(0)
+    base = tmp_path / "base.ckpt"
+    net = randomize(MMDiT(**MMDIT), std=0.1)  # (a fresh adaLN-Zero network's zero gates would give the adapter no gradient)
+    torch.save({"state_dict": {"net." + k: v for k, v in net.state_dict().items()}}, base)
+    config = yaml.safe_load(_config(tmp_path, decay=0.5).read_text())
+    config["model"]["init_args"].update(init_weights=str(base), adapter={"rank": 4}, lr=1e-2)
+    path = tmp_path / "lora_zero.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _fit(tmp_path, path, 2, "a", "--trainer.precision", "32-true")
+    model_file = _convert(tmp_path, tmp_path / "a" / "checkpoints" / "last.ckpt", "lora.ckpt")
+    ckpt = read_checkpoint(model_file)
+    assert ckpt["global_step"] == 6 and ckpt["frozen_base"]["init_weights"] == str(base)
+    weights = [k for k in ckpt["state_dict"] if k.startswith("net.")]
+    assert weights and all(".lora_" in k for k in weights), weights[:5]
+    assert set(ckpt["ema"]["state_dict"]) == set(weights)
+    model = load_objective(model_file, weights="raw")
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            assert torch.equal(p.detach(), ckpt["state_dict"][name]), name
+    assert any(ckpt["state_dict"][k].abs().sum() > 0 for k in weights if ".lora_B." in k)  # the adapter trained

@@ -111,14 +111,15 @@ def test_prepare_writes_shards_a_data_module_reads_with_the_demos_normalisation(
     dm = LatentShardDataModule(data_dir=str(out), batch_size=4, num_workers=0, synthetic_caption_prob=0.0)
     from flowmatch.data.reference import reference_batch
 
-    batch = reference_batch(dm, 20, "train")
-    assert batch["x0"].shape == (20, 16, 8, 8) and batch["cond"]["tokens"].shape == (20, 32, 384)
-    records = side.splits(0, 0.1, 0.1, 12)["train"]
-    shown = [records[int(key.split("_")[1])] for key in batch["key"]]  # key "train_0000007": the split's 8th record
-    assert batch["caption"] == [r.caption for r in shown] and batch["label"].tolist() == [r.label for r in shown]
-    assert sum(NEW_WORD in c for c in batch["caption"]) == 10
-    want = torch.from_numpy(side.load_images(shown))
-    assert (dm.facts.decode(batch["x0"]) - want).abs().max() < 2e-3  # float16 storage is the only loss
+    splits = side.splits(0, 0.1, 0.1, 12)
+    for split in ("val", "test"):  # one held-out digit each: upright and turned
+        batch = reference_batch(dm, 2, split)
+        assert batch["x0"].shape == (2, 16, 8, 8) and batch["cond"]["tokens"].shape == (2, 32, 384)
+        shown = [splits[split][int(key.split("_")[1])] for key in batch["key"]]  # key "val_0000001": the split's 2nd record
+        assert batch["caption"] == [r.caption for r in shown] and batch["label"].tolist() == [r.label for r in shown]
+        assert sorted(NEW_WORD in c for c in batch["caption"]) == [False, True]
+        want = torch.from_numpy(side.load_images(shown))
+        assert (dm.facts.decode(batch["x0"]) - want).abs().max() < 2e-3  # float16 storage is the only loss
 
 
 @pytest.fixture(scope="module")

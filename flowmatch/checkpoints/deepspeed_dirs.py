@@ -15,7 +15,8 @@ from flowmatch.checkpoints.writing import atomic_torch_save
 
 # what a consolidated checkpoint keeps of a DeepSpeed client state: Lightning's keys and flowmatch's
 CONSOLIDATED_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "state_dict", "hyper_parameters",
-                     "hparams_name", "flowmatch", "ema", "mlflow", "loops", "callbacks", "lr_schedulers", "rng_states")
+                     "hparams_name", "flowmatch", "ema", "mlflow", "loops", "callbacks", "lr_schedulers", "rng_states",
+                     "fine_tuning", "frozen_base")
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:

@@ -60,7 +60,8 @@ class FlowGenerator(L.LightningModule):
         lr, weight_decay, betas: AdamW's.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none).
         sample_shape: shape of one data sample, e.g. [2] or [16, 8, 8]; set from the data at setup (the CLI adds flowmatch.callbacks.data_match.MatchModelToData).
-        init_weights: a checkpoint whose network weights start this run; optimizer state is not taken from it.
+        init_weights: a checkpoint whose network weights start this run (its EMA weights when it has them, as
+            `sample` and `export-diffusers` read it); optimizer state is not taken from it.
         adapter: fine-tune with a LoRA adapter (flowmatch.adapters.LoraAdapter: rank, alpha, target_modules,
             dropout, init): only the adapter (and ``trainable``) trains; the rest of the network is frozen.
         trainable: fine-tune only the parameters whose names match one of these regular expressions (e.g.
@@ -176,14 +177,14 @@ class FlowGenerator(L.LightningModule):
     def _load_network_weights(self, path: str) -> str:
         """Copy the network weights of another checkpoint into this one's network (shapes must match);
         returns the fingerprint of those weights."""
-        from flowmatch.checkpoints import CheckpointError, read_weights
+        from flowmatch.checkpoints import CheckpointError, read_weights, select_weights
         from flowmatch.strategies.zero3 import gathered
 
         ckpt = read_weights(path)
         if ckpt.get("frozen_base"):
             raise CheckpointError(f"init_weights {path} is a fine-tuning checkpoint (it holds only the trained part of its network): "
                                   "start from its base, or merge it first: python -m flowmatch export-lora ... --merge")
-        state = ckpt["state_dict"]
+        state, _ = select_weights(ckpt, "auto", source=str(path))  # its EMA weights when it has them: the model it was judged by
         net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
         net = self._modules["net"]
         with gathered(net.parameters(), modifier_rank=0):  # ZeRO-3: load into the full tensors, re-shard after

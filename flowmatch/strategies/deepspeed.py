@@ -102,6 +102,10 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         # global rank 0 acts first; then each other node's local rank 0, for node-local checkpoint storage
         # (on a shared filesystem there is nothing left for them to do)
         self._on_each_filesystem(lambda: shutil.rmtree(tmp) if tmp.exists() else None, "tmp_clean")  # an interrupted save's
+        # a fine-tuning run's module state leaves out its frozen base (read from init_weights again): DeepSpeed must not
+        # record the frozen parameters either, or its consolidation would look for them
+        frozen = getattr(self.lightning_module, "_frozen_from_base", lambda: set())()
+        self.exclude_frozen_parameters = self.exclude_frozen_parameters or bool(frozen)
         super().save_checkpoint(checkpoint, str(tmp), storage_options=storage_options)
         self.barrier("flowmatch_ckpt_written")
         self._on_each_filesystem(lambda: swap_directory_into_place(tmp, final) if tmp.exists() else None, "renamed")
