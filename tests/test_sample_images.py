@@ -235,6 +235,8 @@ def test_two_d_models_still_sample_points(toy_ckpt, tmp_path):
         ("toy", ["--prompts", "a 7"], "is not text-conditioned"),
         ("missing", ["--prompts", "a 7"], "checkpoint not found: missing.ckpt"),
         ("other", ["--prompts", "a 7"], "does not carry its model config"),
+        ("text", ["--prompts", "a 7", "--adapter_scale", "0.5"], "carries no LoRA adapter; give one with --adapter"),
+        ("text", ["--prompts", "a 7", "--adapter", "lora.bin"], "LoRA adapter lora.bin does not exist"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(which, args, message, ckpt, toy_ckpt, tmp_path, capsys, monkeypatch):
@@ -247,6 +249,34 @@ def test_bad_input_exits_2_and_writes_nothing(which, args, message, ckpt, toy_ck
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_applied_without_merging_and_scaled(ckpt, tmp_path, capsys):
+    """--adapter DIR (a diffusers LoRA file) on the --ckpt base; --adapter_scale 0 is the base itself."""
+    from flowmatch.adapters.diffusers_lora import to_diffusers, write_lora
+    from flowmatch.adapters.lora import LoraAdapter, add_lora, lora_layout, lora_state_dict, plan_lora
+
+    net = load_objective(ckpt).net
+    add_lora(net, plan_lora(net, LoraAdapter(rank=2)))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    write_lora(tmp_path / "lora", to_diffusers(net, lora_state_dict(net), lora_layout(net)))
+    prompts = ["--prompts", "a 7", *FAST]
+    lat = {}
+    for name, extra in {"base": [], "scale0": ["--adapter", tmp_path / "lora", "--adapter_scale", "0"],
+                        "adapter": ["--adapter", tmp_path / "lora"]}.items():
+        assert sample(ckpt, tmp_path / name, *prompts, *extra) == 0, capsys.readouterr().err
+        lat[name] = np.load(tmp_path / name / "latents.npy")
+    assert np.array_equal(lat["base"], lat["scale0"])
+    assert not np.allclose(lat["base"], lat["adapter"], atol=1e-4)
+    info = json.loads((tmp_path / "adapter" / "samples.json").read_text())
+    assert info["adapter"] == str(tmp_path / "lora") and info["adapter_scale"] == 1.0
+    # an adapter without its base
+    assert flowmatch_main(["sample", "--adapter", str(tmp_path / "lora"), "--prompts", "a 7", "--out", str(tmp_path / "x")]) == 2
+    assert "is a LoRA for a base model: give that base with --ckpt" in capsys.readouterr().err
 
 
 def test_help_describes_image_sampling(tmp_path):
