@@ -31,6 +31,7 @@ LATENT_SIZE = 128  # FLUX.1's 1024 x 1024 images through its 8x autoencoder
 EXAMPLE = """example:
   python -m flowmatch import-flux /models/FLUX.1-dev --out flux_dev.ckpt --dtype bfloat16
   python -m flowmatch fit --config my.yaml --model.init_args.init_weights flux_dev.ckpt   # fine-tune it
+  python -m flowmatch fit --config my.yaml --model.init_args.init_weights flux_dev.ckpt --model.init_args.adapter.rank 16   # with LoRA
 """
 
 DESCRIPTION = """Convert a local diffusers FluxTransformer2DModel directory into a flowmatch checkpoint.

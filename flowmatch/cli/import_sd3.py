@@ -7,7 +7,8 @@ flowmatch's MMDiT (flowmatch.networks.sd3_import) and writes a Lightning-format 
   * `flowmatch.objectives.loading.load_objective` rebuilds (its hyper-parameters carry the objective's
     class path and the exact MMDiT constructor arguments), e.g. for `python -m flowmatch sample`;
   * starts a fine-tuning run:  model.init_args.init_weights: model.ckpt  in a `fit` config whose
-    network is the same MMDiT (copy the printed network config).
+    network is the same MMDiT (copy the printed network config); add model.init_args.adapter
+    for LoRA (docs/fine_tuning.md).
 
 Nothing is downloaded: DIR must already be on disk. SD3.5 Medium (MMDiT-X, dual attention layers)
 is refused; SD3 Medium and SD3.5 Large / Large Turbo import.
@@ -65,6 +66,7 @@ EXAMPLE = """example:
   python -m flowmatch import-sd3 /models/sd3-medium/transformer --out sd3_medium.ckpt
   python -m flowmatch sample --ckpt sd3_medium.ckpt ...            # or fine-tune it:
   python -m flowmatch fit --config my.yaml --model.init_args.init_weights sd3_medium.ckpt
+  python -m flowmatch fit --config my.yaml --model.init_args.init_weights sd3_medium.ckpt --model.init_args.adapter.rank 16   # LoRA
 """
 
 
