@@ -15,11 +15,9 @@ import torch
 import yaml
 
 from flowmatch.cli.main import main as flowmatch_main
+from helpers_sd3 import random_sd3
 
 TESTS_DIR = Path(__file__).resolve().parent
-TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-                pos_embed_max_size=16, qk_norm="rms_norm")
 
 
 def _env() -> dict:
@@ -41,16 +39,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
     """A tiny diffusers SD3Transformer2DModel with random weights everywhere (zero-initialised layers included), on disk."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    ref = diffusers.SD3Transformer2DModel(**TINY_SD3)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if "norm" in name else 0.0))
+    pytest.importorskip("diffusers")
     path = tmp_path_factory.mktemp("sd3") / "transformer"
-    ref.eval().save_pretrained(path)
-    return path, ref
+    return path, random_sd3(path)
 
 
 def test_import_load_compare_and_finetune(sd3_dir, tmp_path):

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import save_file
+from helpers_sd3 import TINY_SD3, diffusers_sd3_out, our_sd3_out, random_sd3, rel_err
 from test_flux_import import diffusers_out, inputs, our_out, random_flux
 
 from flowmatch.adapters.diffusers_lora import LORA_FILE, attach_lora, to_diffusers, write_lora
@@ -34,9 +35,6 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 TOL = 1e-4
-TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-                pos_embed_max_size=16, qk_norm="rms_norm")
 # every kind of layer mapping: fused q/k/v (cat), the pre-only last text stream (kv), (scale, shift) rows swapped
 # (the last block's text modulation, the final modulation), FLUX's output patch order, MLPs and single blocks
 OUR_TARGETS = [r"blocks\.\d+\.(image|text\.\d+)\.(qkv|kv|proj)", r".*adaLN_modulation\.1", r"final_layer\.linear",
@@ -46,10 +44,6 @@ SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "
                "norm1_context.linear", "norm_out.linear", "proj_out", "ff.net.2"]
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_v_proj", "to_add_out", "proj_mlp", "norm.linear",
                 "norm_out.linear", "proj_out", "ff_context.net.0.proj"]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def randomise_adapter(net, seed: int = 3, std: float = 0.2) -> None:
@@ -64,61 +58,37 @@ def randomise_adapter(net, seed: int = 3, std: float = 0.2) -> None:
 # --- SD3 --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sd3_base(tmp_path_factory):
-    torch.manual_seed(0)
-    ref = diffusers.SD3Transformer2DModel(**TINY_SD3)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if "norm" in name else 0.0))
     path = tmp_path_factory.mktemp("sd3") / "transformer"
-    ref.eval().save_pretrained(path)
+    random_sd3(path)
     return path
-
-
-def sd3_inputs():
-    g = torch.Generator().manual_seed(1)
-    return (torch.randn(2, 4, 8, 6, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 32, generator=g),
-            torch.randn(2, 16, generator=g))
-
-
-def sd3_ref_out(model) -> torch.Tensor:
-    z, t, tokens, pooled = sd3_inputs()
-    with torch.no_grad():
-        return model(hidden_states=z, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=1000 * t).sample
-
-
-def sd3_our_out(net) -> torch.Tensor:
-    z, t, tokens, pooled = sd3_inputs()
-    with torch.no_grad():
-        return net(z, t, {"pooled": pooled, "tokens": tokens})
 
 
 def test_sd3_ours_to_diffusers_and_merge(sd3_base, tmp_path):
     base = load_sd3_diffusers(sd3_base)
     net = copy.deepcopy(base)
     add_lora(net, plan_lora(net, LoraAdapter(rank=3, alpha=6.0, target_modules=OUR_TARGETS)))
-    assert sd3_our_out(net).equal(sd3_our_out(base))  # B = 0: the adapter starts at the base exactly
+    assert our_sd3_out(net).equal(our_sd3_out(base))  # B = 0: the adapter starts at the base exactly
     randomise_adapter(net)
-    ours = sd3_our_out(net)
-    assert rel_err(ours, sd3_our_out(base)) > 0.05
+    ours = our_sd3_out(net)
+    assert rel_err(ours, our_sd3_out(base)) > 0.05
 
     # (a) our adapter in diffusers' file format, loaded by diffusers on the same base
     write_lora(tmp_path / "lora", to_diffusers(net, lora_state_dict(net), lora_layout(net)))
     ref = diffusers.SD3Transformer2DModel.from_pretrained(sd3_base)
     ref.load_lora_adapter(str(tmp_path / "lora"), prefix="transformer", weight_name=LORA_FILE)
-    assert rel_err(sd3_ref_out(ref), ours) <= TOL
+    assert rel_err(diffusers_sd3_out(ref), ours) <= TOL
     # diffusers' lora_scale and ours agree too
     ref.set_adapters(["default_0"], weights=[0.5])
     set_lora_scale(net, 0.5)
-    assert rel_err(sd3_ref_out(ref), sd3_our_out(net)) <= TOL
+    assert rel_err(diffusers_sd3_out(ref), our_sd3_out(net)) <= TOL
     set_lora_scale(net, 1.0)
 
     # (c) merged here, written in diffusers' layout, read by from_pretrained
     merge_lora(net)
-    assert not has_lora(net) and rel_err(sd3_our_out(net), ours) <= TOL
+    assert not has_lora(net) and rel_err(our_sd3_out(net), ours) <= TOL
     save_sd3_diffusers(net, tmp_path / "merged")
     merged = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "merged")
-    assert rel_err(sd3_ref_out(merged), ours) <= TOL
+    assert rel_err(diffusers_sd3_out(merged), ours) <= TOL
 
 
 @pytest.mark.parametrize("flavour", ["model", "pipeline"])
@@ -133,15 +103,15 @@ def test_sd3_diffusers_adapter_loads_here(sd3_base, tmp_path, flavour):
     else:
         state = peft.utils.get_peft_model_state_dict(ref)
         diffusers.StableDiffusion3Pipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=state)
-    expected = sd3_ref_out(ref)
-    assert rel_err(expected, sd3_ref_out(diffusers.SD3Transformer2DModel.from_pretrained(sd3_base))) > 0.05
+    expected = diffusers_sd3_out(ref)
+    assert rel_err(expected, diffusers_sd3_out(diffusers.SD3Transformer2DModel.from_pretrained(sd3_base))) > 0.05
 
     net = load_sd3_diffusers(sd3_base)
     layout, file = attach_lora(net, tmp_path / "lora")
     assert file.name == LORA_FILE
     assert layout.ranks["blocks.0.image.qkv"] == 12  # to_q, to_k, to_v of rank 4 each: one adapter of rank 12
     assert layout.ranks["blocks.1.text.0.kv"] == 8  # the last block's text keys and values (its query is unused)
-    assert rel_err(sd3_our_out(net), expected) <= TOL
+    assert rel_err(our_sd3_out(net), expected) <= TOL
 
 
 # --- FLUX -------------------------------------------------------------------------------------------------------

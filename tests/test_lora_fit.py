@@ -21,52 +21,15 @@ import torch
 import yaml
 
 from cli_utils import REPO, run_cli
+from helpers_sd3 import diffusers_sd3_out, our_sd3_out, random_sd3, rel_err
 from flowmatch.adapters.diffusers_lora import LORA_FILE
 from flowmatch.checkpoints import CheckpointError
 
 diffusers = pytest.importorskip("diffusers")
 
-TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-                pos_embed_max_size=16, qk_norm="rms_norm")
-
-
 def _ok(run) -> str:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout
-
-
-def _random_sd3(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    ref = diffusers.SD3Transformer2DModel(**TINY_SD3)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if "norm" in name else 0.0))
-    ref.eval().save_pretrained(path)
-    return path
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(1)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 32, generator=g),
-            torch.randn(2, 16, generator=g))
-
-
-def _theirs(model) -> torch.Tensor:
-    z, t, tokens, pooled = _inputs()
-    with torch.no_grad():
-        return model(hidden_states=z, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=1000 * t).sample
-
-
-def _ours(net) -> torch.Tensor:
-    z, t, tokens, pooled = _inputs()
-    with torch.no_grad():
-        return net(z, t, {"pooled": pooled, "tokens": tokens})
-
-
-def _rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _config(tmp_path: Path, network: dict, init_args: dict, callbacks: list) -> Path:
@@ -87,7 +50,8 @@ def _config(tmp_path: Path, network: dict, init_args: dict, callbacks: list) -> 
 def test_lora_fit_export_and_diffusers(tmp_path):
     from flowmatch.objectives.loading import load_objective
 
-    base_dir = _random_sd3(tmp_path / "base_transformer", seed=0)
+    base_dir = tmp_path / "base_transformer"
+    random_sd3(base_dir, seed=0)
     base = tmp_path / "base.ckpt"
     _ok(run_cli(["import-sd3", str(base_dir), "--out", str(base)], tmp_path))
     network = torch.load(base, weights_only=True)["hyper_parameters"]["network"]
@@ -118,13 +82,13 @@ def test_lora_fit_export_and_diffusers(tmp_path):
     assert "7 MMDiT layers -> 14 diffusers layers" in _ok(run)  # qkv -> to_q/k/v; the last text stream's kv -> add_k/v_proj
     ref = diffusers.SD3Transformer2DModel.from_pretrained(base_dir)
     ref.load_lora_adapter(str(tmp_path / "lora"), prefix="transformer", weight_name=LORA_FILE)
-    ours = _ours(model.net)
-    assert _rel_err(_ours(load_objective(base).net), ours) > 1e-3
-    assert _rel_err(_theirs(ref), ours) <= 1e-4
+    ours = our_sd3_out(model.net)
+    assert rel_err(our_sd3_out(load_objective(base).net), ours) > 1e-3
+    assert rel_err(diffusers_sd3_out(ref), ours) <= 1e-4
     # ... and --merge writes full weights diffusers reads, with the same output
     _ok(run_cli(["export-lora", str(ckpt_path), "--out", "merged", "--merge", "--weights", "raw"], tmp_path))
     merged = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "merged")
-    assert _rel_err(_theirs(merged), ours) <= 1e-4
+    assert rel_err(diffusers_sd3_out(merged), ours) <= 1e-4
     # a second export into the same directory is refused without --force
     run = run_cli(["export-lora", str(ckpt_path), "--out", "lora"], tmp_path)
     assert run.returncode == 1 and "not empty" in run.stderr
@@ -133,7 +97,8 @@ def test_lora_fit_export_and_diffusers(tmp_path):
     shutil.move(base, tmp_path / "base_moved.ckpt")
     with pytest.raises(CheckpointError, match=r"frozen base is read from init_weights .*base\.ckpt, which does not exist"):
         load_objective(ckpt_path)
-    _ok(run_cli(["import-sd3", str(_random_sd3(tmp_path / "other_transformer", seed=1)), "--out", str(base)], tmp_path))
+    random_sd3(tmp_path / "other_transformer", seed=1)
+    _ok(run_cli(["import-sd3", str(tmp_path / "other_transformer"), "--out", str(base)], tmp_path))
     with pytest.raises(CheckpointError, match="fine-tuned on a base with fingerprint"):
         load_objective(ckpt_path)
 

@@ -15,6 +15,7 @@ The platform's own commands, one module each:
     import-sd3          a local diffusers SD3 transformer directory -> a flowmatch checkpoint (import_sd3.py)
     import-flux         a local diffusers FLUX.1 transformer directory -> a flowmatch checkpoint (import_flux.py)
     export-diffusers    a checkpoint's MMDiT or FLUX -> a diffusers transformer directory (export_diffusers.py)
+    export-lora         a LoRA run's adapter -> a diffusers LoRA file, or merged full weights (export_lora.py)
     convert-checkpoint  a DeepSpeed ZeRO checkpoint directory -> one checkpoint file (convert_checkpoint.py)
     compare             an HTML report comparing MLflow runs (compare.py)
     study               a whole study (variants x seeds) and its write-up in docs/results.md (study.py)
