@@ -240,3 +240,8 @@ def test_zero2_lora_run_holds_and_consolidates_the_adapter(tmp_path):
         if ".lora_" in name:
             assert torch.equal(p.detach(), ckpt["state_dict"][name]), name
     assert any(ckpt["state_dict"][k].abs().sum() > 0 for k in weights if ".lora_B." in k)  # the adapter trained
+
+    # ZeRO-3 would shard the layers peft wraps: refused with the alternative named
+    out = run_cli(["fit", "--config", path, "--trainer", REPO / "configs" / "trainer" / "deepspeed_stage_3.yaml",
+                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.default_root_dir", "z3"], tmp_path, timeout=400)
+    assert out.returncode != 0 and "under DeepSpeed ZeRO-3 is not supported" in out.stderr and "ZeRO-2" in out.stderr

@@ -46,6 +46,13 @@ class FineTuning:
         checkpoint recorded it (else a fresh one from the settings, or the one of ``adapter.init``)."""
         if not self.active:
             return
+        from flowmatch.strategies.zero3 import is_partitioned
+
+        if any(is_partitioned(p) for p in net.parameters()):
+            raise NotImplementedError(
+                "fine-tuning (adapter / trainable / frozen_dtype) under DeepSpeed ZeRO-3 is not supported: peft would wrap "
+                "sharded layers. Use ZeRO-2 (configs/trainer/deepspeed_stage_2.yaml), which shards gradients and optimizer "
+                "state; a LoRA run's optimizer state is small anyway")
         self.base_fingerprint = base_fingerprint
         chosen = match_trainable(net, self.trainable)
         if self.adapter is not None:
