@@ -94,8 +94,8 @@ class FineTuning:
             "trainable": self.trainable,
             "frozen_dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
         }
-        if base_path:
-            checkpoint["frozen_base"] = {"init_weights": str(base_path), "fingerprint": self.base_fingerprint,
+        if base_path:  # absolute: the checkpoint is read again from other working directories
+            checkpoint["frozen_base"] = {"init_weights": str(Path(base_path).resolve()), "fingerprint": self.base_fingerprint,
                                          "frozen_parameters": len(self.frozen_names)}
 
     def check_checkpoint(self, checkpoint: dict, source: str = "the checkpoint") -> None:

@@ -42,6 +42,8 @@ def load_objective(path: str | Path, map_location: str | torch.device = "cpu", w
     ``weights``: "auto" uses the EMA weights when the checkpoint has them, "ema" requires them,
     "raw" uses the trained weights themselves. ``model.loaded_weights`` says which were loaded.
     A DeepSpeed checkpoint directory is consolidated on the fly (convert-checkpoint does it once).
+    A fine-tuning checkpoint (a LoRA run's) holds the trained part only: its base is read again from the
+    init_weights file it records, which must still be there and hold the same base.
     """
     ckpt = read_weights(path, map_location)
     hparams = dict(ckpt.get("hyper_parameters", {}))
@@ -50,6 +52,7 @@ def load_objective(path: str | Path, map_location: str | torch.device = "cpu", w
         if not base.exists():
             raise CheckpointError(f"{path} holds only the fine-tuned part of its network (e.g. a LoRA adapter); its frozen "
                                   f"base is read from init_weights {base}, which does not exist: put the base checkpoint there")
+        hparams["init_weights"] = str(base)
         adapter = hparams.get("adapter")
         if isinstance(adapter, dict) and adapter.get("init"):  # the layout is the checkpoint's; the init file is not needed
             hparams["adapter"] = {**adapter, "init": None}
