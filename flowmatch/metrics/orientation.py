@@ -4,7 +4,7 @@ and to the old captions ("a 7"), judged by two small classifiers.
 - **orientation classifier**: the demo's :class:`~flowmatch.classifiers.DigitClassifier` CNN with 2 classes,
   upright (0) vs turned 90 degrees counter-clockwise (1), trained on the real TRAIN-split demo digits (each
   digit in both orientations, random shifts of up to 2 pixels) by :func:`train_orientation_classifier`;
-  stored at :data:`DEFAULT_PATH` (:func:`ensure_orientation_classifier` trains it when missing, ~10-20 s on one
+  stored at :data:`DEFAULT_PATH` (:func:`ensure_orientation_classifier` trains it when missing, ~7 s on one
   CPU thread) and read back like the digit classifier (flowmatch.metrics.frechet.load_feature_network).
   Held-out accuracy (the 180 test digits, both orientations) is recorded in the checkpoint.
 - **digit classifier**: the demo's own (runs/feature_networks/digits_classifier/last.ckpt), as the
