@@ -156,6 +156,11 @@ def test_lora_run_resumes_exactly(tmp_path):
     _ok(run_cli(["fit", "--config", TOY, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                  "--trainer.max_steps", "20", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", "base"], tmp_path))
     base = tmp_path / "base" / "checkpoints" / "last.ckpt"
+    # a pattern that matches nothing: one line naming it, no traceback, exit 1
+    bad = run_cli(["fit", "--config", TOY, "--trainer.logger", "false", "--model.init_args.init_weights", str(base),
+                   "--model.init_args.adapter.target_modules", "[nothing]", "--trainer.default_root_dir", "bad"], tmp_path)
+    assert bad.returncode == 1 and "error: adapter target pattern 'nothing' matches no linear layer of MLPVelocity" in bad.stderr
+    assert "Traceback" not in bad.stderr
     callbacks = tmp_path / "callbacks.yaml"
     callbacks.write_text(yaml.safe_dump([{"class_path": "flowmatch.callbacks.EMA", "init_args": {"decay": 0.9}}]))
     lora = ["--model.init_args.init_weights", str(base), "--model.init_args.adapter.rank", "4",

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flowmatch.adapters.lora import LoraLayout, linear_layers
+from flowmatch.adapters.lora import AdapterError, LoraLayout, linear_layers
 from flowmatch.networks.diffusers_files import swap_halves
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -59,7 +59,7 @@ def diffusers_class(net: nn.Module) -> str:
         return "FluxTransformer2DModel"
     if isinstance(net, MMDiT):
         return "SD3Transformer2DModel"
-    raise ValueError(f"{type(net).__name__} has no diffusers layout: diffusers-format LoRA files exist for MMDiT "
+    raise AdapterError(f"{type(net).__name__} has no diffusers layout: diffusers-format LoRA files exist for MMDiT "
                      "(SD3Transformer2DModel) and FLUX (FluxTransformer2DModel)")
 
 
@@ -102,7 +102,7 @@ def to_diffusers(net: nn.Module, state: dict[str, torch.Tensor], layout: LoraLay
     out: dict[str, torch.Tensor] = {}
     for module in sorted(layout.ranks):
         if module not in maps:
-            raise ValueError(f"adapted layer {module} has no counterpart in diffusers' {diffusers_class(net)}")
+            raise AdapterError(f"adapted layer {module} has no counterpart in diffusers' {diffusers_class(net)}")
         m = maps[module]
         a = state[f"{module}.lora_A.weight"].float()
         b = state[f"{module}.lora_B.weight"].float() * (layout.alphas[module] / layout.ranks[module])
@@ -123,12 +123,12 @@ def from_diffusers(net: nn.Module, tensors: dict[str, torch.Tensor], alphas: dic
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
     unknown = [k for k in modules if k not in by_theirs and k not in unused]
     if unknown:
-        raise ValueError(f"{source}: adapter layer(s) {unknown[:4]} are not linear layers of a diffusers "
+        raise AdapterError(f"{source}: adapter layer(s) {unknown[:4]} are not linear layers of a diffusers "
                          f"{diffusers_class(net)} like this base: is it an adapter for another model?")
     for module in modules:
         for part in ("lora_A", "lora_B"):
             if f"{module}.{part}.weight" not in tensors:
-                raise ValueError(f"{source}: {module} has no {part}.weight")
+                raise AdapterError(f"{source}: {module} has no {part}.weight")
     layout, state = LoraLayout(ranks={}, alphas={}), {}
     for ours in sorted({by_theirs[k].ours for k in modules if k in by_theirs}):
         m, layer = maps[ours], layers[ours]
@@ -137,7 +137,7 @@ def from_diffusers(net: nn.Module, tensors: dict[str, torch.Tensor], alphas: dic
             if f"{theirs}.lora_A.weight" in tensors:
                 a, b = tensors[f"{theirs}.lora_A.weight"].float(), tensors[f"{theirs}.lora_B.weight"].float()
                 if a.shape[1] != layer.in_features or b.shape[0] != rows or a.shape[0] != b.shape[1]:
-                    raise ValueError(f"{source}: {theirs}.lora_A/B have shapes {tuple(a.shape)} / {tuple(b.shape)}; this "
+                    raise AdapterError(f"{source}: {theirs}.lora_A/B have shapes {tuple(a.shape)} / {tuple(b.shape)}; this "
                                      f"base's {theirs} needs ({a.shape[0]}, {layer.in_features}) / ({rows}, {a.shape[0]}): "
                                      "an adapter for another base?")
                 scale = alphas.get(theirs, float(a.shape[0])) / a.shape[0]
@@ -154,7 +154,7 @@ def from_diffusers(net: nn.Module, tensors: dict[str, torch.Tensor], alphas: dic
         state[f"{ours}.lora_B.weight"] = _rows(m.kind, b_full, net, to_ours=True).contiguous()
         layout.ranks[ours], layout.alphas[ours] = rank, float(rank)
     if not layout.ranks:
-        raise ValueError(f"{source}: the adapter adapts no layer that affects the output")
+        raise AdapterError(f"{source}: the adapter adapts no layer that affects the output")
     return layout, state
 
 
@@ -185,7 +185,7 @@ def lora_file(path: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"LoRA adapter {path} does not exist")
     if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA adapter {path} is not a .safetensors file (diffusers writes {LORA_FILE}); "
+        raise AdapterError(f"LoRA adapter {path} is not a .safetensors file (diffusers writes {LORA_FILE}); "
                          "pickled .bin/.pt adapters are not read")
     return path
 
@@ -199,19 +199,19 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, floa
         with open(file, "rb") as fh:  # the header's metadata (diffusers' lora_adapter_metadata, if any)
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
     except (SafetensorError, ValueError, OSError) as err:
-        raise ValueError(f"{file} is not a readable safetensors file ({err})") from None
+        raise AdapterError(f"{file} is not a readable safetensors file ({err})") from None
     others = sorted({k.split(".", 1)[0] for k in raw if k.startswith(_OTHER_COMPONENTS)})
     if others:
         print(f"note: {file} also adapts {others}; flowmatch reads precomputed text features, so only the "
               "transformer's adapter is used")
     tensors = {k.removeprefix(PREFIX): v for k, v in raw.items() if not k.startswith(_OTHER_COMPONENTS)}
     if not tensors:
-        raise ValueError(f"{file} holds no transformer adapter")
+        raise AdapterError(f"{file} holds no transformer adapter")
     odd = [k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k)]
     if odd:
         hint = (" (a kohya/A1111-style file: load it into a diffusers pipeline with load_lora_weights and write it "
                 "back with save_lora_weights)" if any("lora_down" in k or "lora_up" in k for k in odd) else "")
-        raise ValueError(f"{file}: keys {odd[:3]} are not peft/diffusers LoRA weights (<layer>.lora_A.weight / "
+        raise AdapterError(f"{file}: keys {odd[:3]} are not peft/diffusers LoRA weights (<layer>.lora_A.weight / "
                          f".lora_B.weight); DoRA magnitudes and LoRA biases are not supported{hint}")
     return tensors, _alphas_from_metadata(header.get("__metadata__", {}), tensors), file
 

@@ -22,7 +22,7 @@ from flowmatch.adapters.freezing import (
     is_adapter_param,
     match_trainable,
 )
-from flowmatch.adapters.lora import LoraAdapter, LoraLayout, add_lora, plan_lora
+from flowmatch.adapters.lora import AdapterError, LoraAdapter, LoraLayout, add_lora, plan_lora
 
 
 class FineTuning:
@@ -32,7 +32,7 @@ class FineTuning:
         self.adapter, self.trainable = adapter, list(trainable)
         self.dtype = frozen_dtype(frozen_dtype_name)
         if self.dtype is not None and not self.active:
-            raise ValueError("frozen_dtype applies to fine-tuning runs: set adapter and/or trainable too")
+            raise AdapterError("frozen_dtype applies to fine-tuning runs: set adapter and/or trainable too")
         self.frozen_names: set[str] = set()  # parameter names in the network (no "net." prefix)
         self.base_fingerprint: str | None = None
         self.layout: LoraLayout | None = None
@@ -49,7 +49,7 @@ class FineTuning:
         from flowmatch.strategies.zero3 import is_partitioned
 
         if any(is_partitioned(p) for p in net.parameters()):
-            raise NotImplementedError(
+            raise AdapterError(
                 "fine-tuning (adapter / trainable / frozen_dtype) under DeepSpeed ZeRO-3 is not supported: peft would wrap "
                 "sharded layers. Use ZeRO-2 (configs/trainer/deepspeed_stage_2.yaml), which shards gradients and optimizer "
                 "state; a LoRA run's optimizer state is small anyway")
@@ -62,7 +62,7 @@ class FineTuning:
             cast_frozen(net, self.dtype)
         self.frozen_names = {n for n, p in net.named_parameters() if not p.requires_grad}
         if all(not p.requires_grad for p in net.parameters()):
-            raise ValueError("the fine-tuning settings leave no parameter to train")
+            raise AdapterError("the fine-tuning settings leave no parameter to train")
 
     def _add_adapter(self, net: nn.Module, layout: LoraLayout | None) -> LoraLayout:
         if layout is None and self.adapter.init:  # continue training a diffusers LoRA
@@ -82,7 +82,7 @@ class FineTuning:
             return
         plain = [n for n, p in net.named_parameters() if p.requires_grad and not is_adapter_param(n)]
         if plain:
-            raise ValueError(f"frozen_dtype {str(self.dtype).removeprefix('torch.')} with float32 parameters training outside "
+            raise AdapterError(f"frozen_dtype {str(self.dtype).removeprefix('torch.')} with float32 parameters training outside "
                              f"the adapter ({plain[:3]}) needs autocast: set trainer.precision to bf16-mixed")
 
     def record(self, checkpoint: dict, base_path: str | None) -> None:

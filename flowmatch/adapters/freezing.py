@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from flowmatch.adapters.lora import AdapterError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,11 +40,11 @@ def match_trainable(net: nn.Module, patterns: Sequence[str]) -> set[str]:
         try:
             regex = re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"trainable pattern {pattern!r} is not a valid regular expression ({err})") from None
+            raise AdapterError(f"trainable pattern {pattern!r} is not a valid regular expression ({err})") from None
         hits = [n for n in names if regex.fullmatch(base_name(n))]
         if not hits:
             examples = ", ".join(base_name(n) for n in names[:5])
-            raise ValueError(f"trainable pattern {pattern!r} matches no parameter of {type(net).__name__} "
+            raise AdapterError(f"trainable pattern {pattern!r} matches no parameter of {type(net).__name__} "
                              f"(patterns match whole parameter names, e.g. {examples}, ...)")
         chosen.update(hits)
     return chosen
@@ -66,7 +68,7 @@ def frozen_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     if name not in DTYPES:
-        raise ValueError(f"frozen_dtype {name!r}: choose one of {sorted(DTYPES)} (or null to keep the network's dtype)")
+        raise AdapterError(f"frozen_dtype {name!r}: choose one of {sorted(DTYPES)} (or null to keep the network's dtype)")
     return DTYPES[name]
 
 

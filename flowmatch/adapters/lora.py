@@ -29,6 +29,10 @@ from torch import nn
 ADAPTER_NAME = "default"  # peft's; the one adapter a flowmatch network carries
 
 
+class AdapterError(ValueError):
+    """Fine-tuning settings or an adapter file that do not fit the network (the message names the pattern, layer or file)."""
+
+
 @dataclass
 class LoraAdapter:
     """A LoRA adapter's settings, as a run's YAML gives them under ``model.init_args.adapter``.
@@ -52,13 +56,13 @@ class LoraAdapter:
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"adapter.rank must be a positive integer, got {self.rank!r}")
+            raise AdapterError(f"adapter.rank must be a positive integer, got {self.rank!r}")
         if self.alpha is not None and self.alpha <= 0:
-            raise ValueError(f"adapter.alpha must be positive (or null for alpha = rank), got {self.alpha!r}")
+            raise AdapterError(f"adapter.alpha must be positive (or null for alpha = rank), got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter.dropout must be in [0, 1), got {self.dropout!r}")
+            raise AdapterError(f"adapter.dropout must be in [0, 1), got {self.dropout!r}")
         if self.target_modules is not None and not self.target_modules:
-            raise ValueError("adapter.target_modules is empty: give module-name patterns, or null for the network's defaults")
+            raise AdapterError("adapter.target_modules is empty: give module-name patterns, or null for the network's defaults")
 
 
 @dataclass
@@ -84,7 +88,7 @@ def as_adapter(value) -> LoraAdapter | None:
         raise TypeError(f"adapter must be a mapping of LoRA settings, got {type(value).__name__}")
     unknown = sorted(set(value) - set(LoraAdapter.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"unknown adapter setting(s) {unknown}; known: {sorted(LoraAdapter.__dataclass_fields__)}")
+        raise AdapterError(f"unknown adapter setting(s) {unknown}; known: {sorted(LoraAdapter.__dataclass_fields__)}")
     return LoraAdapter(**value)
 
 
@@ -109,7 +113,7 @@ def default_targets(net: nn.Module) -> list[str]:
     """The network's default LoRA targets (its ``lora_target_modules``), or an error saying to give them."""
     targets = getattr(net, "lora_target_modules", None)
     if not targets:
-        raise ValueError(f"{type(net).__name__} has no default LoRA targets: give adapter.target_modules "
+        raise AdapterError(f"{type(net).__name__} has no default LoRA targets: give adapter.target_modules "
                          "(regular expressions matched against its module names)")
     return list(targets)
 
@@ -125,11 +129,11 @@ def resolve_targets(net: nn.Module, patterns: Sequence[str]) -> dict[str, str]:
         try:
             regex = re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"adapter target pattern {pattern!r} is not a valid regular expression ({err})") from None
+            raise AdapterError(f"adapter target pattern {pattern!r} is not a valid regular expression ({err})") from None
         hits = [name for name in layers if regex.fullmatch(name)]
         if not hits:
             examples = ", ".join(list(layers)[:6])
-            raise ValueError(f"adapter target pattern {pattern!r} matches no linear layer of {type(net).__name__} "
+            raise AdapterError(f"adapter target pattern {pattern!r} matches no linear layer of {type(net).__name__} "
                              f"(patterns match whole module names, e.g. {examples}, ...)")
         for name in hits:
             chosen.setdefault(name, pattern)
@@ -151,7 +155,7 @@ def plan_lora(net: nn.Module, adapter: LoraAdapter) -> LoraLayout:
 def check_rank(name: str, layer: nn.Linear, rank: int) -> None:
     limit = min(layer.in_features, layer.out_features)
     if rank > limit:
-        raise ValueError(f"adapter rank {rank} is larger than layer {name} allows ({layer.in_features} in, "
+        raise AdapterError(f"adapter rank {rank} is larger than layer {name} allows ({layer.in_features} in, "
                          f"{layer.out_features} out: at most {limit})")
 
 
@@ -160,10 +164,10 @@ def add_lora(net: nn.Module, layout: LoraLayout) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
     if has_lora(net):
-        raise ValueError(f"{type(net).__name__} already carries a LoRA adapter; merge it first (merge_lora)")
+        raise AdapterError(f"{type(net).__name__} already carries a LoRA adapter; merge it first (merge_lora)")
     names = sorted(layout.ranks)
     if not names:
-        raise ValueError("the adapter targets no layer")
+        raise AdapterError("the adapter targets no layer")
     rank = max(layout.ranks.values(), key=list(layout.ranks.values()).count)  # the most common rank
     alpha = max(layout.alphas.values(), key=list(layout.alphas.values()).count)
     config = LoraConfig(
@@ -227,12 +231,12 @@ def load_lora_state(net: nn.Module, state: dict[str, torch.Tensor], source: str 
         expected[f"{name}.lora_B.weight"] = module.lora_B[ADAPTER_NAME].weight
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit this network's adapter: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise AdapterError(f"{source} does not fit this network's adapter: missing {missing[:4]}, unexpected {unexpected[:4]}")
     with torch.no_grad():
         for key, param in expected.items():
             value = state[key]
             if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, this network's adapter {tuple(param.shape)}")
+                raise AdapterError(f"{source}: {key} has shape {tuple(value.shape)}, this network's adapter {tuple(param.shape)}")
             param.copy_(value.to(param.dtype))
 
 

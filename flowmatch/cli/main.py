@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(OWN_COMMANDS[command])
         return module.main(rest)
     if command in LIGHTNING_COMMANDS:
+        from flowmatch.adapters.lora import AdapterError
         from flowmatch.checkpoints import CheckpointError
         from flowmatch.cli.lightning_cli import FlowCLI
         from flowmatch.data.health import DataQualityError
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _check_ckpt_path(rest)  # Lightning reads it while parsing: report a bad one first, clearly
             FlowCLI(args=argv)
-        except (NonFiniteLossError, CheckpointError, DataQualityError, ManifestMismatchError, ShardFormatError, TrackingServerError) as err:
+        except (NonFiniteLossError, CheckpointError, DataQualityError, ManifestMismatchError, ShardFormatError, TrackingServerError,
+                AdapterError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         return 0

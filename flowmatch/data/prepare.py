@@ -1,6 +1,6 @@
 """Images + captions -> latent/caption shards (the format of flowmatch.data.shard_format).
 
-    source (demo | image folder | jsonl) -> fixed train / val / test split
+    source (demo | sideways | image folder | jsonl) -> fixed train / val / test split
         -> images -> autoencoder.encode -> float16 latents
         -> original and synthetic captions -> text encoders -> token states, masks, pooled vectors
         -> webdataset ShardWriter: OUT/{split}-{shard:06d}.tar, ``shard_size`` samples each
@@ -36,7 +36,7 @@ from flowmatch.data.shard_format import (
     shard_name,
     write_manifest,
 )
-from flowmatch.data.sources import Record, Source, SourceError, open_source
+from flowmatch.data.sources import BUILT_IN_SOURCES, Record, Source, SourceError, open_source
 
 STATE_NAME = ".prepare-state.json"
 
@@ -75,7 +75,7 @@ class PrepareConfig:
         keys = ("source", "autoencoder", "text_encoders", "max_length", "store_encodings", "size", "channels",
                 "shard_size", "seed", "val_fraction", "test_fraction", "limit")
         out = {k: getattr(self, k) for k in keys}
-        if self.source != "demo":
+        if self.source not in BUILT_IN_SOURCES:  # a folder or file: its identity is its absolute path
             out["source"] = str(Path(self.source).resolve())
         ae = Path(self.autoencoder)
         if ae.exists():  # a checkpoint or directory: its identity is its path and modification time

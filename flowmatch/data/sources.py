@@ -199,6 +199,10 @@ class JsonlSource(_FileSource):
             raise SourceError(f"{path} holds no records")
 
 
+#: the sources built into flowmatch, named by a word rather than a path
+BUILT_IN_SOURCES = ("demo", "sideways")
+
+
 def open_source(source: str, size: int | None = None, channels: int | None = None) -> Source:
     """``demo``, ``sideways``, a folder of images, or a .jsonl file (see the module docstring)."""
     if source == "demo":
