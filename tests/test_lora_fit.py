@@ -178,3 +178,21 @@ def test_lora_run_resumes_exactly(tmp_path):
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         for key in sa:
             assert torch.allclose(sa[key], sb[key], atol=1e-6, rtol=0), key
+
+    # merged into a standalone flowmatch checkpoint (any network; no diffusers layout needed): it loads without the
+    # base and computes what base + adapter computed
+    from flowmatch.objectives.loading import load_objective
+
+    lora_ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    _ok(run_cli(["export-lora", str(lora_ckpt), "--out", "merged.ckpt", "--merge", "--format", "flowmatch"], tmp_path))
+    z, t = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), torch.rand(64)
+    with torch.no_grad():
+        expected = load_objective(lora_ckpt).net(z, t)
+    shutil.move(base, tmp_path / "base_moved.ckpt")
+    merged = torch.load(tmp_path / "merged.ckpt", weights_only=True)
+    assert not [k for k in merged["state_dict"] if ".lora_" in k or "base_layer" in k] and "frozen_base" not in merged
+    with torch.no_grad():
+        got = load_objective(tmp_path / "merged.ckpt").net(z, t)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    refused = run_cli(["export-lora", str(lora_ckpt), "--out", "again.ckpt", "--format", "flowmatch"], tmp_path)
+    assert refused.returncode == 1 and "add --merge" in refused.stderr

@@ -12,7 +12,8 @@ separate ones with the same lora_A and lora_B's row blocks (flowmatch.adapters.d
 
 ``--merge`` folds the adapter into the base weights (W + scale B A) and writes the whole transformer as a
 diffusers model directory, as export-diffusers does; it also serves runs that trained parameters outside
-an adapter (``trainable``), which a LoRA file cannot carry.
+an adapter (``trainable``), which a LoRA file cannot carry. ``--merge --format flowmatch --out merged.ckpt``
+writes instead one flowmatch checkpoint (any network) that loads, samples and validates without the base.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m flowmatch export-lora", description=__doc__, epilog=EXAMPLE,
                        formatter_class=_HelpFormatter, exit_on_error=True)
     p.add_argument("ckpt", type=str, help="checkpoint of a LoRA fine-tuning run (`fit` with model.init_args.adapter)")
-    p.add_argument("--out", type=str, required=True, help="directory to write")
+    p.add_argument("--out", type=str, required=True, help="directory to write (a .ckpt file with --format flowmatch)")
     p.add_argument("--merge", action="store_true",
-                   help="fold the adapter into the base weights and write the full transformer in diffusers' layout")
+                   help="fold the adapter into the base weights and write the full network (--format)")
+    p.add_argument("--format", type=Literal["diffusers", "flowmatch"], default="diffusers",
+                   help="with --merge: diffusers (a transformer directory, MMDiT and FLUX) or flowmatch (one checkpoint "
+                        "file that load_objective, sample and validate read without the base; any network)")
     p.add_argument("--weights", type=Literal["auto", "ema", "raw"], default="auto",
                    help="auto: the EMA weights when the checkpoint has them; ema: require them; raw: the trained weights")
     p.add_argument("--dtype", type=Literal["keep", "float32", "bfloat16", "float16"], default="keep",
@@ -50,7 +54,7 @@ def build_parser() -> ArgumentParser:
 
 
 def export_lora(ckpt: str | Path, out: str | Path, merge: bool = False, weights: str = "auto", dtype: str = "keep",
-                force: bool = False) -> dict:
+                force: bool = False, fmt: str = "diffusers") -> dict:
     """Write the checkpoint's adapter (diffusers LoRA file) or, with ``merge``, its merged network; returns a summary."""
     import torch
 
@@ -60,7 +64,17 @@ def export_lora(ckpt: str | Path, out: str | Path, merge: bool = False, weights:
     from flowmatch.objectives.loading import load_objective
 
     out = Path(out)
-    _check_out(out, force)
+    if fmt not in ("diffusers", "flowmatch"):
+        raise ValueError(f"--format {fmt!r}: choose diffusers or flowmatch")
+    if fmt == "flowmatch" and not merge:
+        raise ValueError("--format flowmatch writes merged weights: add --merge")
+    if fmt == "flowmatch":
+        if out.exists() and not force:
+            raise FileExistsError(f"--out {out} exists; pass --force to replace it")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"the directory of --out, {out.parent}, does not exist")
+    else:
+        _check_out(out, force)
     model = load_objective(ckpt, weights=weights)
     net = model.net
     summary = {"ckpt": str(ckpt), "out": str(out), "network": type(net).__name__, "weights": model.loaded_weights}
@@ -68,6 +82,10 @@ def export_lora(ckpt: str | Path, out: str | Path, merge: bool = False, weights:
         if has_lora(net):
             summary["layers"] = len(lora_layout(net).ranks)
             merge_lora(net)
+        if fmt == "flowmatch":
+            summary["parameters"] = write_merged_checkpoint(ckpt, net, out, dtype, model.loaded_weights)
+            summary["file"] = str(out)
+            return summary
         summary["diffusers_class"] = write_network(net, out, dtype, force, source=str(ckpt))
         summary["file"] = str(out)
         return summary
@@ -95,19 +113,44 @@ def export_lora(ckpt: str | Path, out: str | Path, merge: bool = False, weights:
     return summary
 
 
+def write_merged_checkpoint(ckpt: str | Path, net, out: Path, dtype: str, weights: str) -> int:
+    """A standalone flowmatch checkpoint of the merged network: the run's config without its fine-tuning settings,
+    the network's full weights (those ``weights`` chose), its sample / data record; no base file needed to load it."""
+    import torch
+
+    from flowmatch.atomic_io import atomic_write
+    from flowmatch.checkpoints import read_weights
+
+    source = read_weights(ckpt)
+    hparams = dict(source.get("hyper_parameters", {}))
+    for key in ("adapter", "trainable", "frozen_dtype", "init_weights"):
+        hparams[key] = None
+    if dtype != "keep":
+        net = net.to(getattr(torch, dtype))
+    state = {"net." + k: v.detach().clone() for k, v in net.state_dict().items()}
+    merged = {k: source[k] for k in ("epoch", "global_step", "pytorch-lightning_version", "flowmatch", "mlflow") if k in source}
+    merged.update(state_dict=state, hyper_parameters=hparams, merged_from={"checkpoint": str(ckpt), "weights": weights})
+    with atomic_write(out) as fh:
+        torch.save(merged, fh)
+    return sum(p.numel() for p in net.parameters())
+
+
 def main(argv: list[str]) -> int:
     from flowmatch.adapters.diffusers_lora import LORA_FILE
 
     args = build_parser().parse_args(argv)
     try:
-        s = export_lora(args.ckpt, args.out, args.merge, args.weights, args.dtype, args.force)
+        s = export_lora(args.ckpt, args.out, args.merge, args.weights, args.dtype, args.force, args.format)
     except Exception as err:  # one readable line: the message names the file, layer or tensor
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err) or type(err).__name__
         if isinstance(err, OSError) and err.filename:
             msg = f"{err.filename}: {err.strerror}"
         print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 1
-    if args.merge:
+    if args.merge and args.format == "flowmatch":
+        print(f"merged the adapter of {s['ckpt']} ({s.get('layers', 0)} layers, {s['weights']} weights) into its {s['network']}")
+        print(f"wrote {s['file']} ({s['parameters']:,} parameters), a checkpoint that loads without its base")
+    elif args.merge:
         print(f"merged the adapter of {s['ckpt']} ({s.get('layers', 0)} layers, {s['weights']} weights) into its {s['network']}")
         print(f"wrote {s['file']} as a diffusers {s['diffusers_class']} (load with {s['diffusers_class']}.from_pretrained)")
     else:
