@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -196,8 +196,8 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, floa
     file = lora_file(path)
     try:
         raw = load_file(str(file))
-        with open(file, "rb") as fh:  # the header's metadata (diffusers' lora_adapter_metadata, if any)
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        with safe_open(str(file), framework="pt") as fh:  # the header's metadata (diffusers' lora_adapter_metadata, if any)
+            metadata = fh.metadata() or {}
     except (SafetensorError, ValueError, OSError) as err:
         raise AdapterError(f"{file} is not a readable safetensors file ({err})") from None
     others = sorted({k.split(".", 1)[0] for k in raw if k.startswith(_OTHER_COMPONENTS)})
@@ -213,7 +213,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, floa
                 "back with save_lora_weights)" if any("lora_down" in k or "lora_up" in k for k in odd) else "")
         raise AdapterError(f"{file}: keys {odd[:3]} are not peft/diffusers LoRA weights (<layer>.lora_A.weight / "
                          f".lora_B.weight); DoRA magnitudes and LoRA biases are not supported{hint}")
-    return tensors, _alphas_from_metadata(header.get("__metadata__", {}), tensors), file
+    return tensors, _alphas_from_metadata(metadata, tensors), file
 
 
 def _alphas_from_metadata(metadata: dict, tensors: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -57,7 +57,8 @@ class FineTuning:
         chosen = match_trainable(net, self.trainable)
         if self.adapter is not None:
             self.layout = self._add_adapter(net, layout)
-        freeze_all_but(net, {n for n, _ in net.named_parameters() if base_name(n) in {base_name(c) for c in chosen}})
+        chosen = {base_name(c) for c in chosen}  # (the names a LoRA wrapper gives the layers it wraps, made plain)
+        freeze_all_but(net, {n for n, _ in net.named_parameters() if base_name(n) in chosen})
         if self.dtype is not None:
             cast_frozen(net, self.dtype)
         self.frozen_names = {n for n, p in net.named_parameters() if not p.requires_grad}
@@ -113,7 +114,9 @@ class FineTuning:
 def stored_layout(checkpoint: dict) -> LoraLayout | None:
     """The adapter layout a fine-tuning checkpoint recorded, if any."""
     layout = (checkpoint.get("fine_tuning") or {}).get("lora_layout")
-    return LoraLayout(**layout) if layout else None
+    if not layout:
+        return None
+    return LoraLayout(ranks=layout["ranks"], alphas=layout["alphas"], dropout=layout.get("dropout", 0.0))
 
 
 def base_path_of(checkpoint: dict) -> Path | None:

@@ -20,7 +20,7 @@ CrossDiT attention and MLP. Converting adapters to and from diffusers' names is 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -72,7 +72,6 @@ class LoraLayout:
     ranks: dict[str, int]  # module name -> rank
     alphas: dict[str, float]  # module name -> alpha (the update is scaled by alpha / rank)
     dropout: float = 0.0
-    sources: dict[str, str] = field(default_factory=dict)  # module name -> the pattern that chose it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,8 +147,7 @@ def plan_lora(net: nn.Module, adapter: LoraAdapter) -> LoraLayout:
     alpha = float(adapter.alpha if adapter.alpha is not None else adapter.rank)
     for name in chosen:
         check_rank(name, layers[name], adapter.rank)
-    return LoraLayout(ranks={n: adapter.rank for n in chosen}, alphas={n: alpha for n in chosen},
-                      dropout=adapter.dropout, sources=chosen)
+    return LoraLayout(ranks={n: adapter.rank for n in chosen}, alphas={n: alpha for n in chosen}, dropout=adapter.dropout)
 
 
 def check_rank(name: str, layer: nn.Linear, rank: int) -> None:

@@ -22,8 +22,7 @@ from typing import Literal
 
 from jsonargparse import ArgumentParser
 
-from flowmatch.cli.import_sd3 import (OBJECTIVE_CLASS, OBJECTIVES, _HelpFormatter, _lightning_version, check_import_options,
-                                      check_rebuilds)
+from flowmatch.cli.import_sd3 import OBJECTIVE_CLASS, _HelpFormatter, check_import_options, check_rebuilds, imported_checkpoint
 
 NETWORK_CLASS = "flowmatch.networks.flux.FLUX"
 LATENT_SIZE = 128  # FLUX.1's 1024 x 1024 images through its 8x autoencoder
@@ -65,39 +64,11 @@ def network_config(directory: str | Path) -> tuple[Path, dict, dict]:
 
     The init_args are exactly the arguments `load_flux_diffusers` builds the model with, so
     ``FLUX(**init_args)`` has the imported architecture."""
-    from flowmatch.networks.diffusers_files import read_config, resolve_model_dir
+    from flowmatch.networks.diffusers_files import open_model_dir
     from flowmatch.networks.flux_import import CLASS_NAME, flux_kwargs_from_diffusers_config
 
-    path = Path(directory)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if not path.is_dir():
-        raise NotADirectoryError(f"{path} is not a directory (expected a diffusers {CLASS_NAME} directory)")
-    path = resolve_model_dir(path, CLASS_NAME)
-    config = read_config(path)
+    path, config = open_model_dir(directory, CLASS_NAME)
     return path, config, flux_kwargs_from_diffusers_config(config, source=str(path / "config.json"))
-
-
-def checkpoint_dict(model, init_args: dict, objective: str, latent_size: int, dtype) -> dict:
-    """The Lightning-format checkpoint of an imported FLUX wrapped in a RectifiedFlow objective (as import-sd3's)."""
-    sample_shape = [init_args["in_channels"], latent_size, latent_size]
-    hparams = {
-        "_class_path": OBJECTIVE_CLASS,
-        "network": {"class_path": NETWORK_CLASS, "init_args": dict(init_args)},
-        "time_sampler": OBJECTIVES[objective],
-        "sample_shape": sample_shape,
-        "_instantiator": "lightning.pytorch.cli.instantiate_module",  # lets LightningModule.load_from_checkpoint rebuild it too
-    }
-    state = {f"net.{k}": v.to(dtype).contiguous() for k, v in model.state_dict().items()}
-    return {
-        "epoch": 0,
-        "global_step": 0,
-        "pytorch-lightning_version": _lightning_version(),
-        "state_dict": state,
-        "hparams_name": "kwargs",
-        "hyper_parameters": hparams,
-        "flowmatch": {"sample_shape": sample_shape, "objective": "RectifiedFlow", "imported_from": "diffusers FluxTransformer2DModel"},
-    }
 
 
 def import_flux(directory: str | Path, out: str | Path, objective: str = "rf", dtype: str = "float32",
@@ -119,7 +90,9 @@ def import_flux(directory: str | Path, out: str | Path, objective: str = "rf", d
 
     from flowmatch.checkpoints import atomic_torch_save
 
-    atomic_torch_save(checkpoint_dict(model, init_args, objective, latent_size, getattr(torch, dtype)), out)
+    ckpt = imported_checkpoint(model, NETWORK_CLASS, init_args, objective, [init_args["in_channels"], latent_size, latent_size],
+                               getattr(torch, dtype), "FluxTransformer2DModel")
+    atomic_torch_save(ckpt, out)
     return {
         "source": str(path),
         "out": str(out),

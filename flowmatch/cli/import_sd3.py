@@ -102,22 +102,11 @@ def network_config(directory: str | Path) -> tuple[Path, dict, dict]:
     The init_args are exactly the arguments `load_sd3_diffusers` builds the model with, so
     ``MMDiT(**init_args)`` has the imported architecture (``pos_embed_base_size`` included).
     """
-    from flowmatch.networks.sd3_import import _resolve_dir, mmdit_kwargs_from_sd3_config
+    from flowmatch.networks.diffusers_files import open_model_dir
+    from flowmatch.networks.sd3_import import mmdit_kwargs_from_sd3_config
 
-    path = Path(directory)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if not path.is_dir():
-        raise NotADirectoryError(f"{path} is not a directory (expected a diffusers SD3Transformer2DModel directory)")
-    path = _resolve_dir(path)
-    config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} does not hold a JSON object")
-    kwargs = mmdit_kwargs_from_sd3_config(config, source=str(config_file))
+    path, config = open_model_dir(directory, "SD3Transformer2DModel")
+    kwargs = mmdit_kwargs_from_sd3_config(config, source=str(path / "config.json"))
     return path, config, kwargs
 
 
@@ -131,13 +120,13 @@ def _lightning_version() -> str:
         return "0.0.0"
 
 
-def checkpoint_dict(model, init_args: dict, config: dict, objective: str, dtype) -> dict:
-    """The Lightning-format checkpoint of an imported MMDiT wrapped in a RectifiedFlow objective."""
-    size = config.get("sample_size", 128)
-    sample_shape = [init_args["in_channels"], size, size]
+def imported_checkpoint(model, network_class: str, init_args: dict, objective: str, sample_shape: list[int], dtype,
+                        imported_from: str) -> dict:
+    """The Lightning-format checkpoint of an imported network wrapped in a RectifiedFlow objective (import-sd3's and
+    import-flux's format): the objective's config as hyper-parameters, so load_objective rebuilds it."""
     hparams = {
         "_class_path": OBJECTIVE_CLASS,
-        "network": {"class_path": NETWORK_CLASS, "init_args": dict(init_args)},
+        "network": {"class_path": network_class, "init_args": dict(init_args)},
         "time_sampler": OBJECTIVES[objective],
         "sample_shape": sample_shape,
         "_instantiator": "lightning.pytorch.cli.instantiate_module",  # lets LightningModule.load_from_checkpoint rebuild it too
@@ -150,7 +139,7 @@ def checkpoint_dict(model, init_args: dict, config: dict, objective: str, dtype)
         "state_dict": state,
         "hparams_name": "kwargs",
         "hyper_parameters": hparams,
-        "flowmatch": {"sample_shape": sample_shape, "objective": "RectifiedFlow", "imported_from": "diffusers SD3Transformer2DModel"},
+        "flowmatch": {"sample_shape": sample_shape, "objective": "RectifiedFlow", "imported_from": f"diffusers {imported_from}"},
     }
 
 
@@ -170,7 +159,10 @@ def import_sd3(directory: str | Path, out: str | Path, objective: str = "rf", dt
 
     from flowmatch.checkpoints import atomic_torch_save
 
-    atomic_torch_save(checkpoint_dict(model, init_args, config, objective, getattr(torch, dtype)), out)
+    size = config.get("sample_size", 128)
+    ckpt = imported_checkpoint(model, NETWORK_CLASS, init_args, objective, [init_args["in_channels"], size, size],
+                               getattr(torch, dtype), "SD3Transformer2DModel")
+    atomic_torch_save(ckpt, out)
     return {
         "source": str(path),
         "out": str(out),

@@ -36,6 +36,18 @@ def resolve_model_dir(directory: str | Path, expected: str) -> Path:
     return path
 
 
+def open_model_dir(directory: str | Path, class_name: str) -> tuple[Path, dict]:
+    """(the directory holding config.json, its config) of a diffusers model or pipeline directory ``directory``;
+    an error naming the path when it is missing, not a directory, or without a readable config."""
+    path = Path(directory)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory (expected a diffusers {class_name} directory)")
+    path = resolve_model_dir(path, class_name)
+    return path, read_config(path)
+
+
 def read_config(path: Path) -> dict:
     """``path/config.json`` as a dict, or an error naming the file."""
     config_file = path / "config.json"

@@ -29,13 +29,13 @@ ours and dropped. Any other missing or unexpected tensor is an error naming it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from flowmatch.networks.diffusers_files import (
     check_class_name,
+    read_config,
     read_safetensors,
     resolve_model_dir,
     swap_halves,
@@ -183,7 +183,7 @@ def load_sd3_diffusers(
     ``model(z, t, {"pooled": pooled, "tokens": tokens})``.
     """
     path = _resolve_dir(directory)
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
     kwargs = mmdit_kwargs_from_sd3_config(config, source=str(path / "config.json"))
     with torch.device("meta"):
         model = MMDiT(**kwargs, cond_drop_prob=cond_drop_prob, gradient_checkpointing=gradient_checkpointing)
