@@ -1,6 +1,7 @@
-"""Training-time shifts (flowmatch.time_shift): SD3's constant shift and FLUX's resolution-dependent one.
+"""Training-time shifts (flowmatch.time_shift): SD3's constant shift, SD3's sqrt rule and FLUX's mu rule.
 
-Closed forms of FLUX's mu, the density of shifted draws, FlowLoss's draws with and without a shift (the
+The papers' numbers of SD3's and FLUX's rules at 256^2, 512^2 and 1024^2 images, a KS test of shifted draws
+against the closed-form CDF for every base density and rule, closed forms of FLUX's mu, the density of shifted draws, FlowLoss's draws with and without a shift (the
 random stream unchanged), FLUX's sampling grid against diffusers' FluxPipeline + FlowMatchEulerDiscreteScheduler,
 a training step of RectifiedFlow with the shift, and the shift set from a YAML config.
 """
@@ -22,7 +23,7 @@ from flowmatch.parametrisation import VelocityPrediction
 from flowmatch.paths.linear import RectifiedFlowPath
 from flowmatch.sampling.time_grid import flux_mu, flux_time_shift, shift_time, time_grid
 from flowmatch.time_samplers import CosMapTime, LogitNormalTime, ModeTime, UniformTime
-from flowmatch.time_shift import ConstantShift, ResolutionShift, TimeShift
+from flowmatch.time_shift import ConstantShift, FluxShift, ResolutionShift, SD3ResolutionShift, TimeShift, sampling_shift
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,6 +131,83 @@ def test_shifted_density_matches_a_histogram_of_shifted_draws(base):
     # and the unshifted density would not fit: the shift moved mass to the noise end
     unshifted = base.cdf(edges[1:]) - base.cdf(edges[:-1])
     assert (observed - unshifted).abs().max().item() > 0.02
+
+
+# --- SD3's and FLUX's rules: the papers' numbers -----------------------------------------------------------------
+def image_latent(pixels: int, downsample: int = 8, channels: int = 16) -> torch.Size:
+    """The latent batch shape of a square image of side ``pixels`` (SD3 / FLUX VAEs: 8x down, 16 channels)."""
+    return latent(pixels // downsample, channels=channels)
+
+
+@pytest.mark.parametrize("pixels, paper, sd3_variant", [(256, 1.0, 0.75), (512, 2.0, 1.5), (1024, 4.0, 3.0)])
+def test_sd3_rule_gives_the_papers_alpha_at_256_512_1024(pixels, paper, sd3_variant):
+    """alpha = sqrt(m / n) tuned at 256^2 (SD3 §5.3.2), and SD3's own choice of 3.0 at 1024^2 as the base."""
+    assert SD3ResolutionShift().alpha(image_latent(pixels)) == pytest.approx(paper, rel=1e-12)
+    chosen = SD3ResolutionShift(base_pixels=1024 * 1024, base_alpha=3.0)
+    assert chosen.alpha(image_latent(pixels)) == pytest.approx(sd3_variant, rel=1e-12)
+    # the demo autoencoder (space_to_depth:4) downsamples 4x: the same image, a latent twice as large per side
+    assert SD3ResolutionShift(downsample=4).alpha(image_latent(pixels, downsample=4)) == pytest.approx(paper, rel=1e-12)
+    assert sampling_shift(SD3ResolutionShift(), image_latent(pixels)[1:]) == pytest.approx(paper, rel=1e-12)  # (C, H, W)
+
+
+@pytest.mark.parametrize("pixels, tokens, mu, alpha", [(256, 256, 0.5, math.exp(0.5)), (512, 1024, 0.63, 1.8776),
+                                                       (1024, 4096, 1.15, 3.1582)])
+def test_flux_rule_gives_the_papers_mu_at_256_512_1024(pixels, tokens, mu, alpha):
+    """FLUX.1: VAE 8x down, 2x2 packing; mu from 0.5 at 256 tokens to 1.15 at 4096."""
+    shape = image_latent(pixels)
+    assert FluxShift().num_tokens(shape) == tokens
+    assert FluxShift().mu(shape) == pytest.approx(mu, abs=1e-12)
+    assert FluxShift().alpha(shape) == pytest.approx(alpha, abs=1e-4)
+    assert ResolutionShift().alpha(shape) == FluxShift().alpha(shape) == sampling_shift(FluxShift(), shape)
+
+
+def test_sd3_rule_on_non_square_latents_and_sampling_shift_without_a_rule():
+    assert SD3ResolutionShift(downsample=4).pixels((2, 16, 8, 16)) == 32 * 64
+    assert SD3ResolutionShift(downsample=4).alpha((2, 16, 8, 16)) == pytest.approx(math.sqrt(32 * 64 / 65536))
+    assert sampling_shift(None, (16, 64, 64)) == 1.0 == sampling_shift(None, None)
+    assert sampling_shift(ConstantShift(3.0), (16, 8, 8)) == 3.0
+
+
+def test_sd3_rule_refuses_bad_arguments_and_shapes_by_name():
+    with pytest.raises(ValueError, match="base_pixels must be > 0"):
+        SD3ResolutionShift(base_pixels=0)
+    with pytest.raises(ValueError, match="base_alpha must be > 0"):
+        SD3ResolutionShift(base_alpha=-1.0)
+    with pytest.raises(ValueError, match="downsample must be an integer >= 1"):
+        SD3ResolutionShift(downsample=0)
+    with pytest.raises(ValueError, match="downsample must be an integer >= 1"):
+        SD3ResolutionShift(downsample=2.5)
+    with pytest.raises(ValueError, match=r"SD3ResolutionShift reads .*\(B, C, H, W\).*\(4, 2\)"):
+        SD3ResolutionShift().alpha((4, 2))
+    with pytest.raises(ValueError, match=r"FluxShift reads .*None"):
+        sampling_shift(FluxShift(), None)
+
+
+def test_flux_shift_and_its_former_name_are_the_same_rule():
+    assert isinstance(ResolutionShift(), FluxShift)
+    assert repr(FluxShift()) == repr(ResolutionShift()).replace("ResolutionShift", "FluxShift")
+    assert repr(SD3ResolutionShift(base_pixels=1024 * 1024, base_alpha=3)) == (
+        "SD3ResolutionShift(base_pixels=1048576, base_alpha=3.0, downsample=8)")
+
+
+# --- KS test: shifted draws follow TimeShift.cdf ---------------------------------------------------------------
+RULES = [(ConstantShift(3.0), None), (SD3ResolutionShift(), image_latent(512)), (FluxShift(), image_latent(1024))]
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda b: type(b).__name__)
+@pytest.mark.parametrize("shift, shape", RULES, ids=["const3", "sd3_512", "flux_1024"])
+def test_shifted_draws_pass_a_ks_test_against_the_closed_form_cdf(base, shift, shape):
+    """FlowLoss.draw_times (sampler draws, then the shift) against TimeShift.cdf; the unshifted cdf is rejected."""
+    from scipy.stats import kstest
+
+    n = 20_000
+    torch.manual_seed(11)
+    draws = FlowLoss(RectifiedFlowPath(), VelocityPrediction(), base, time_shift=shift).draw_times(n, sample_shape=shape)
+    draws = draws.double().numpy()
+    shifted = kstest(draws, lambda x: shift.cdf(torch.as_tensor(x, dtype=torch.float64), base, shape).numpy())
+    assert shifted.pvalue > 1e-3 and shifted.statistic < 1.36 / math.sqrt(n)
+    unshifted = kstest(draws, lambda x: base.cdf(torch.as_tensor(x, dtype=torch.float64)).numpy())
+    assert unshifted.statistic > 5 * 1.36 / math.sqrt(n)  # the test can tell: alpha 2 to 3.2 moves a lot of mass
 
 
 # --- FlowLoss draws ---------------------------------------------------------------------------------------------
@@ -278,10 +356,19 @@ model:
 """
 
 
-def test_the_cli_resolves_a_time_shift_from_yaml(tmp_path, monkeypatch):
+RESOLVED = {
+    "ResolutionShift": {"base_shift": 0.5, "max_shift": 1.15, "base_tokens": 256, "max_tokens": 4096, "patch_size": 2},
+    "FluxShift": {"base_shift": 0.5, "max_shift": 1.15, "base_tokens": 256, "max_tokens": 4096, "patch_size": 2},
+    "SD3ResolutionShift": {"base_pixels": 1048576, "base_alpha": 3.0, "downsample": 4},
+}
+
+
+@pytest.mark.parametrize("name, init_args", [("ResolutionShift", "{max_shift: 1.15}"), ("FluxShift", "{}"),
+                                             ("SD3ResolutionShift", "{base_pixels: 1048576, base_alpha: 3.0, downsample: 4}")])
+def test_the_cli_resolves_a_time_shift_from_yaml(tmp_path, monkeypatch, name, init_args):
     from flowmatch.cli.lightning_cli import FlowCLI
 
-    (tmp_path / "shift.yaml").write_text(SNIPPET)
+    (tmp_path / "shift.yaml").write_text(SNIPPET.replace("ResolutionShift", name).replace("{max_shift: 1.15}", init_args))
     monkeypatch.chdir(REPO)  # the experiment's relative paths are written for the repository root
     monkeypatch.setenv("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -294,9 +381,7 @@ def test_the_cli_resolves_a_time_shift_from_yaml(tmp_path, monkeypatch):
     assert code in (0, None), err.getvalue()[-3000:]
     text = out.getvalue()
     resolved = yaml.safe_load(text[text.index("# lightning.pytorch"):])
-    assert resolved["model"]["init_args"]["time_shift"] == {
-        "class_path": "flowmatch.time_shift.ResolutionShift",
-        "init_args": {"base_shift": 0.5, "max_shift": 1.15, "base_tokens": 256, "max_tokens": 4096, "patch_size": 2}}
+    assert resolved["model"]["init_args"]["time_shift"] == {"class_path": f"flowmatch.time_shift.{name}", "init_args": RESOLVED[name]}
     assert resolved["model"]["init_args"]["time_sampler"]["class_path"] == "flowmatch.time_samplers.LogitNormalTime"
 
 
