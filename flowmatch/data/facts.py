@@ -160,6 +160,25 @@ class LatentDataFacts:
         return self._dim("context_length")
 
     @property
+    def buckets(self) -> list[dict]:
+        """The aspect-ratio buckets of the set: [{"name": "24x40", "size": [H, W] pixels, "latent_size": [h, w]}], in the
+        manifest's order; [] for a single-shape set (``sample_shape`` is then the only shape). A checkpoint keeps them."""
+        if self._record is not None:
+            return [dict(b) for b in self._record.get("buckets") or []]
+        info = (self.manifest or {}).get("buckets")
+        if not info:
+            return []
+        return [{"name": n, "size": [int(v) for v in size], "latent_size": [int(v) for v in lat]}
+                for n, size, lat in zip(info["names"], info["sizes"], info["latent_sizes"])]
+
+    @property
+    def sample_shapes(self) -> list[list[int]]:
+        """Every latent shape (C, h, w) the set holds: one per bucket, or ``sample_shape`` alone."""
+        if not self.buckets:
+            return [list(self.sample_shape)]
+        return [[self.num_channels, *b["latent_size"]] for b in self.buckets]
+
+    @property
     def num_channels(self) -> int:
         return self.sample_shape[0]
 
@@ -238,6 +257,7 @@ class LatentDataFacts:
             "scale": self.scale,
             "latent_shape": list(self.sample_shape),
             "image_shape": self.image_shape,
+            **({"buckets": self.buckets} if self.buckets else {}),  # only sets with buckets: older records stay as they were
         }
 
     def __repr__(self) -> str:

@@ -1,13 +1,26 @@
 """Streaming latent/caption shards with webdataset: the data module of image-generation runs.
 
     shards (local paths, brace patterns, any URL webdataset opens, pipe: commands)
-      train: resampled shards (with replacement, seeded per rank / worker / epoch) -> tar samples
-             -> shuffle buffer -> decode + check -> caption mixing -> batches (in the workers)
-             -> a fixed number of batches per epoch on every rank (no rank waits for another)
+      train: an endless sequence of *passes* in every (rank, worker) slot: a pass reads the slot's share
+             of the shards once in a fresh order (resampled: its chunk of the whole shard list reshuffled
+             each pass, so any number of ranks x workers can read any number of shards)
+             -> tar samples -> shuffle buffer -> decode + check -> caption mixing
+             -> one bounded buffer per latent shape (bucket): a full buffer is a batch; at the end of
+                a pass the partial buffers are yielded too, so every sample is used exactly once a pass
+             -> a fixed number of batches per epoch on every rank (no rank waits for another); the
+                stream goes on across epochs (passes and epochs are independent)
       val / test: every shard once, in order; rank r keeps the samples with index % world == r,
              so no sample is seen twice and the ranks' batch counts are equal; batched in the main process
+             (one shape a batch: bucketed splits are batched per bucket to a plan made from the manifest)
     -> batch {"x0": (B, C, h, w) normalised latents, "cond": {"pooled", "tokens", "mask"}, "caption": [...],
-              "synthetic": bool (B,), "key": [...], "label": int64 (B,) when known}
+              "synthetic": bool (B,), "key": [...], "label": int64 (B,) when known,
+              "bucket": "HxW" (pixels) when the shard set has aspect-ratio buckets}
+
+Exact resume (training): a pass is a function of (seed, rank, worker, pass number) alone, and every
+batch says where it came from (worker, pass, batch index in the pass). The data position kept in
+checkpoints is, for every rank and worker, the pass and batch to continue with; a resumed worker
+regenerates that pass and drops the batches already used. So the bucket buffers' content need not be
+saved: the design makes it unnecessary (the cost is re-reading at most one pass of a worker's shards).
 
 The data module only streams: it splits the shards over nodes, ranks and workers, mixes captions and
 counts bad samples. What the data *is* (manifest, text encoders, autoencoder, the normalisation
@@ -28,7 +41,9 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 import zlib
+from collections import deque
 from pathlib import Path
 
 import lightning
@@ -115,6 +130,8 @@ def collate(items: list[dict]) -> dict:
             "tokens": torch.stack([it["tokens"] for it in items]),
             "mask": torch.stack([it["mask"] for it in items]),
         }
+    if "bucket" in items[0]:
+        batch["bucket"] = items[0]["bucket"]  # one shape a batch
     labels = [it["label"] for it in items]
     if all(label is not None for label in labels):
         batch["label"] = torch.tensor(labels, dtype=torch.int64)
@@ -124,15 +141,18 @@ def collate(items: list[dict]) -> dict:
 class ShardStream(IterableDataset):
     """The samples one rank reads from a list of shard URLs, decoded into items (runs inside loader workers).
 
-    mode "train": endless; resampled shards (or, with resampled=False, this rank's and worker's
-    share of the shards in a reshuffled cycle), a shuffle buffer, batches of ``batch_size`` built
-    in the worker. mode "eval": every shard once, in order, split over workers by shard and over
-    ranks by sample index, single items (the main process batches them), then one end marker.
+    mode "train": endless; pass after pass over this rank's and worker's share of the shards in a fresh
+    order (resampled: its chunk of the whole shard list, reshuffled each pass), a shuffle buffer, then one buffer per
+    latent shape, batches of ``batch_size`` built in the worker (module docstring). ``start`` maps a
+    worker to the (pass, batch) it continues with, ``worker_offset`` says which logical worker the
+    DataLoader's first worker plays (both set by TrainLoader on a resume). mode "eval": every shard once,
+    in order, split over workers by shard and over ranks by sample index, single items (the main process
+    batches them), then one end marker.
     """
 
     def __init__(self, urls: list[str], spec: SampleSpec, shift: float, scale: float, mode: str, rank: int, world_size: int,
                  seed: int, synthetic_prob: float, use_encodings: bool, shuffle_buffer: int = 1000, batch_size: int = 1,
-                 resampled: bool = True, index_of: dict[str, int] | None = None):
+                 resampled: bool = True, bucket_names: dict[tuple[int, int], str] | None = None):
         super().__init__()
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -140,34 +160,32 @@ class ShardStream(IterableDataset):
         self.mode, self.rank, self.world_size, self.seed = mode, rank, world_size, seed
         self.synthetic_prob, self.use_encodings = synthetic_prob, use_encodings
         self.shuffle_buffer, self.batch_size, self.resampled = shuffle_buffer, batch_size, resampled
-        self.epoch = 0  # set by the main process before each pass; copied into the workers when they start
+        self.bucket_names = dict(bucket_names or {})  # latent (h, w) -> bucket name, for sets with buckets
+        self.start: dict[int, tuple[int, int]] = {}  # worker -> (pass, batch index) to continue with
+        self.worker_offset = 0
         if use_encodings and not spec.encodings:
             raise ShardFormatError("these shards hold no text encodings")
 
     # ---- shard order ----
-    def _shard_source(self):
-        import webdataset as wds
-
-        worker, num_workers = _worker()
-        if self.mode == "eval":
-            return (dict(url=u) for u in self.urls[worker::num_workers])
+    def _pass_shards(self, worker: int, num_workers: int, pass_index: int) -> list[str]:
+        """The shards one training pass of this rank's ``worker`` reads, in order (a function of the seed and the pass)."""
         if self.resampled:
-            return iter(wds.ResampledShards(self.urls, seed=_derive_seed(self.seed, self.epoch), worker_seed=_RankWorkerSeed(self.rank), deterministic=True))
+            # every slot cuts its chunk from the same reshuffled list of all shards (seeded by the pass alone): the
+            # slots together read every shard in each pass, and any number of slots works (chunks wrap around)
+            slots, slot = self.world_size * num_workers, self.rank * num_workers + worker
+            order = list(self.urls)
+            random.Random(_derive_seed(self.seed, pass_index)).shuffle(order)
+            count = max(1, math.ceil(len(order) / slots))
+            return [order[(slot * count + j) % len(order)] for j in range(count)]
+        rng = random.Random(_derive_seed(self.seed, pass_index, self.rank, worker))
         mine = self.urls[self.rank :: self.world_size][worker::num_workers]
         if not mine:
             raise ValueError(
                 f"{len(self.urls)} training shards cannot feed {self.world_size} ranks x {num_workers} workers without resampling: "
                 f"use resampled=True or fewer workers"
             )
-        rng = random.Random(_derive_seed(self.seed, self.epoch, self.rank, worker))
-
-        def cycle():
-            while True:
-                order = list(mine)
-                rng.shuffle(order)
-                yield from (dict(url=u) for u in order)
-
-        return cycle()
+        rng.shuffle(mine)
+        return mine
 
     # ---- samples ----
     def _item(self, s: dict, mix_epoch: int, log: SkipLog) -> dict:
@@ -176,6 +194,8 @@ class ShardStream(IterableDataset):
         x0 = (s["latent"].astype(np.float32) - np.float32(self.shift)) * np.float32(self.scale)
         item = {"x0": torch.from_numpy(x0), "caption": s["caption_syn"] if synthetic else s["caption"], "synthetic": synthetic,
                 "key": s["key"], "label": s["label"]}
+        if self.bucket_names:
+            item["bucket"] = self.bucket_names[tuple(x0.shape[1:])]
         if self.use_encodings:
             tokens, mask, pooled = s["syn" if synthetic else "orig"]
             full = np.zeros((self.spec.context_length, self.spec.context_dim), np.float32)
@@ -195,9 +215,8 @@ class ShardStream(IterableDataset):
         index = int(tail) if tail.isdigit() else zlib.crc32(key.encode())
         return index % self.world_size == self.rank
 
-    def _items(self, log: SkipLog):
-        samples = tar_samples(self._shard_source(), handler=log.shard)
-        mix_epoch = self.epoch if self.mode == "train" else 0
+    def _items(self, shards, mix_epoch: int, log: SkipLog):
+        samples = tar_samples(shards, handler=log.shard)
         spec = self.spec if self.use_encodings or not self.spec.encodings else _without_encodings(self.spec)
         for raw in samples:
             if self.mode == "eval" and not self._keep(raw):
@@ -209,26 +228,58 @@ class ShardStream(IterableDataset):
                 continue
             yield self._item(s, mix_epoch, log)
 
+    def _pass(self, worker: int, num_workers: int, pass_index: int, log: SkipLog):
+        """The batches of one training pass: every sample of the pass's shards exactly once, one shape a batch.
+
+        Samples wait in the shuffle buffer, then in one buffer per latent shape (at most batch_size - 1 each);
+        a full buffer is a batch; the partial buffers end the pass (in a fixed order), so nothing carries over
+        and a pass can be regenerated on its own."""
+        import webdataset as wds
+
+        urls = self._pass_shards(worker, num_workers, pass_index)
+        items = self._items((dict(url=u) for u in urls), pass_index, log)  # captions re-mixed every pass
+        if self.shuffle_buffer > 1:
+            rng = random.Random(_derive_seed(self.seed, pass_index, self.rank, worker, 1))
+            items = wds.filters._shuffle(items, bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)
+        waiting: dict[tuple[int, ...], list[dict]] = {}
+        for item in items:
+            shape = tuple(item["x0"].shape)
+            bucket = waiting.setdefault(shape, [])
+            bucket.append(item)
+            if len(bucket) == self.batch_size:
+                yield collate(bucket)
+                waiting[shape] = []
+        for shape in sorted(waiting):
+            if waiting[shape]:
+                yield collate(waiting[shape])
+
     def __iter__(self):
         log = SkipLog()
         if self.mode == "eval":
-            yield from self._items(log)
+            worker, num_workers = _worker()
+            yield from self._items((dict(url=u) for u in self.urls[worker::num_workers]), 0, log)
             read, skipped, errors = log.drain()
             yield {"_end": True, "_read": read, "_skipped": skipped, "_shard_errors": errors}
             return
-        worker, _ = _worker()
-        rng = random.Random(_derive_seed(self.seed, self.epoch, self.rank, worker, 1))
-        import webdataset as wds
-
-        items = self._items(log)
-        if self.shuffle_buffer > 1:
-            items = wds.filters._shuffle(items, bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)
-        for batch in wds.filters._batched(items, self.batch_size, collation_fn=collate, partial=False):
-            read, skipped, errors = log.drain()  # counted when read, even while the samples wait in the shuffle buffer
-            batch["_read"] += read
-            batch["_skipped"] += skipped
-            batch["_shard_errors"] += errors
-            yield batch
+        physical, num_workers = _worker()
+        worker = (physical + self.worker_offset) % num_workers  # the logical worker this process plays
+        pass_index, skip = self.start.get(worker, (0, 0))
+        while True:
+            count = 0
+            for index, batch in enumerate(self._pass(worker, num_workers, pass_index, log)):
+                count += 1
+                read, skipped, errors = log.drain()  # counted when read, even while the samples wait in the buffers
+                if index < skip:  # used before the resume: regenerated only to rebuild the buffers
+                    continue
+                batch["_read"] += read
+                batch["_skipped"] += skipped
+                batch["_shard_errors"] += errors
+                batch["_worker"], batch["_pass"], batch["_index"] = worker, pass_index, index
+                yield batch
+            if count == 0:
+                raise ShardFormatError(f"pass {pass_index} of rank {self.rank}, worker {worker} read no usable sample from "
+                                       f"{self._pass_shards(worker, num_workers, pass_index)}")
+            skip, pass_index = 0, pass_index + 1
 
 
 def _without_encodings(spec: SampleSpec) -> SampleSpec:
@@ -245,26 +296,63 @@ def _without_encodings(spec: SampleSpec) -> SampleSpec:
 
 
 class TrainLoader:
-    """Exactly ``steps`` batches per epoch from an endless stream (webdataset's with_epoch, plus a new seed every epoch)."""
+    """``steps`` batches per epoch from the endless training stream, which goes on across epochs.
+
+    It keeps where every worker of this rank stands: the batches carry (worker, pass, batch index), and
+    :meth:`position` turns the number of batches training has consumed into each worker's next (pass,
+    batch), what a checkpoint keeps. :meth:`resume` puts a new loader at such a position (module docstring).
+    """
 
     def __init__(self, stream: ShardStream, steps: int, num_workers: int, pin_memory: bool, prefetch_factor: int = 4):
         self.stream, self.steps = stream, steps
         kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
-        self.epoch = 0
+        self.num_slots = max(1, num_workers)  # logical workers (the main process is worker 0 of 1)
+        self.yielded = 0  # batches handed out since the stream started (a resumed loader starts at the position)
+        self._next: dict[int, tuple[int, int]] = {}  # worker -> (pass, index) next, as of the batches folded in
+        self._recent: deque = deque()  # (global index, worker, pass, index) of recent batches, maybe not consumed yet
+        self._it = None
+        self.last_position: tuple[int, int, int] | None = None  # (worker, pass, index) of the last batch handed out
 
     def __len__(self) -> int:
         return self.steps
 
+    def resume(self, consumed: int, next_of: dict[int, tuple[int, int]]) -> None:
+        """Continue after ``consumed`` batches, each worker at its (pass, batch index) ``next_of`` (before the first iteration)."""
+        if self._it is not None:
+            raise RuntimeError("resume() must come before the training stream starts")
+        self.yielded = int(consumed)
+        self._next = {int(w): (int(p), int(i)) for w, (p, i) in next_of.items()}
+
+    def position(self, consumed: int) -> dict[int, tuple[int, int]]:
+        """Every worker's next (pass, batch index) once ``consumed`` batches of the stream have been used."""
+        out = dict(self._next)
+        for g, worker, pass_index, index in self._recent:
+            if g < consumed:
+                out[worker] = (pass_index, index + 1)
+        return out
+
     def __iter__(self):
-        self.stream.epoch = self.epoch
-        self.epoch += 1
-        it = iter(self.loader)
-        try:
-            for _ in range(self.steps):
-                yield next(it)
-        finally:
-            del it  # shuts the workers down
+        if self._it is None:
+            self.stream.start = dict(self._next)
+            # the DataLoader takes batches from its workers in turn, starting with the first: after a resume that
+            # one must play the worker whose turn it was, so batch g always comes from worker g % num_slots
+            self.stream.worker_offset = self.yielded % self.num_slots
+            self._it = iter(self.loader)
+        for _ in range(self.steps):
+            batch = next(self._it)
+            worker, pass_index, index = (int(batch.pop(k)) for k in ("_worker", "_pass", "_index"))
+            self.last_position = (worker, pass_index, index)
+            self._recent.append((self.yielded, worker, pass_index, index))
+            self.yielded += 1
+            while len(self._recent) > 8 + 2 * self.num_slots:  # old enough to be consumed for sure
+                _, w, p, i = self._recent.popleft()
+                self._next[w] = (p, i + 1)
+            yield batch
+
+    def close(self) -> None:
+        """Stop the workers; the next iteration restarts the stream after the last batch handed out."""
+        self._next, self._recent, self._it = self.position(self.yielded), deque(), None
 
 
 def plan_batches(n: int, batch_size: int, num_batches: int) -> list[int]:
@@ -279,9 +367,13 @@ def plan_batches(n: int, batch_size: int, num_batches: int) -> list[int]:
 
 
 class EvalLoader:
-    """Validation / test batches: the stream's items batched in the main process to a fixed plan (equal batch counts on all ranks)."""
+    """Validation / test batches: the stream's items batched in the main process to a fixed plan (equal batch counts on all ranks).
 
-    def __init__(self, stream: ShardStream, batch_size: int, sizes: list[int] | None, num_workers: int, pin_memory: bool):
+    ``sizes``: the batch sizes in order (single-shape sets), or for sets with buckets {bucket: [sizes]}: items
+    wait in their bucket's list until it holds the bucket's next planned size (one shape a batch)."""
+
+    def __init__(self, stream: ShardStream, batch_size: int, sizes: list[int] | dict[str, list[int]] | None, num_workers: int,
+                 pin_memory: bool):
         self.stream, self.batch_size, self.sizes = stream, batch_size, sizes
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=False)
         self.pin_memory = pin_memory
@@ -290,27 +382,31 @@ class EvalLoader:
     def __len__(self) -> int:
         if self.sizes is None:
             raise TypeError("the size of this evaluation set is unknown (its shards are not in the manifest)")
-        return len(self.sizes)
+        return sum(len(v) for v in self.sizes.values()) if isinstance(self.sizes, dict) else len(self.sizes)
 
     def __iter__(self):
-        sizes = list(self.sizes) if self.sizes is not None else None
-        pending: list[dict] = []
+        plan = ({b: list(v) for b, v in self.sizes.items()} if isinstance(self.sizes, dict)
+                else {None: list(self.sizes)} if self.sizes is not None else {})
+        pending: dict = {}
         extra = [0, 0, 0]
-        target = lambda: sizes[0] if sizes else self.batch_size  # noqa: E731
         for item in self.loader:
             if item.get("_end"):
                 extra[0] += item["_read"]
                 extra[1] += item["_skipped"]
                 extra[2] += item["_shard_errors"]
                 continue
-            pending.append(item)
-            if len(pending) == target():
-                yield self._batch(pending, extra)
-                pending = []
+            bucket = item.get("bucket") if isinstance(self.sizes, dict) else None
+            waiting = pending.setdefault(bucket, [])
+            waiting.append(item)
+            sizes = plan.get(bucket)
+            if len(waiting) == (sizes[0] if sizes else self.batch_size):
+                yield self._batch(waiting, extra)
+                pending[bucket] = []
                 if sizes:
                     sizes.pop(0)
-        if pending:
-            yield self._batch(pending, extra)
+        for bucket in sorted(pending, key=str):  # what the plan did not foresee (a manifest that undercounts)
+            if pending[bucket]:
+                yield self._batch(pending[bucket], extra)
         self.trailing = tuple(extra)
 
     def _batch(self, items: list[dict], extra: list[int]) -> dict:
@@ -321,6 +417,21 @@ class EvalLoader:
         if self.pin_memory:
             batch = _pin(batch)
         return batch
+
+
+def plan_bucket_batches(counts: dict[str, int], batch_size: int, num_batches: int) -> dict[str, list[int]]:
+    """Batch sizes per bucket for ``counts`` samples per bucket, in exactly ``num_batches`` batches (at least the
+    ceil(n / batch_size) per bucket): the largest batches are halved until the count is reached, so ranks with
+    fewer samples still run as many batches as the others (a DDP validation needs equal counts)."""
+    sizes = {b: [min(batch_size, n - lo) for lo in range(0, n, batch_size)] for b, n in counts.items() if n > 0}
+    while sum(len(v) for v in sizes.values()) < num_batches:
+        bucket = max(sizes, key=lambda b: max(sizes[b]))
+        big = max(sizes[bucket])
+        if big < 2:
+            raise ShardFormatError(f"{sum(counts.values())} samples cannot fill {num_batches} batches")
+        sizes[bucket].remove(big)
+        sizes[bucket] += [big - big // 2, big // 2]
+    return sizes
 
 
 def _pin(obj):
@@ -382,8 +493,9 @@ class LatentShardDataModule(lightning.LightningDataModule):
             num_workers: loader worker processes per rank (0 = read in the main process).
             shuffle_buffer: samples in each worker's shuffle buffer (1 = no shuffling).
             steps_per_epoch: training batches per epoch on every rank; default one pass over the train split's samples.
-            resampled: draw training shards with replacement (each rank and worker independently; recommended
-                for multi-node runs); False cycles over each rank's and worker's own share of the shards.
+            resampled: every pass reshuffles the whole shard list and gives each rank x worker a chunk of it
+                (any number of shards feeds any number of ranks x workers; recommended for multi-node runs); False: each
+                rank and worker reads only its own share (shards[rank::world][worker::workers]), needing shards >= slots.
             synthetic_caption_prob: probability that a sample takes its synthetic caption (SD3: 0.5).
             seed: seed of shard resampling, shuffling and caption mixing (reproducible whatever the workers).
             text_encoders: encode captions on the fly with these (local directories or "minilm"), whether or not
@@ -553,8 +665,9 @@ class LatentShardDataModule(lightning.LightningDataModule):
         if not urls:
             raise ShardFormatError(f"no {split} shards (manifest {self.manifest_location})")
         facts = self.facts
+        names = {tuple(b["latent_size"]): b["name"] for b in facts.buckets}
         common = dict(spec=self.spec, shift=facts.shift, scale=facts.scale, rank=rank, world_size=world_size, seed=self.seed,
-                      synthetic_prob=self.synthetic_prob, use_encodings=facts.stores_encodings)
+                      synthetic_prob=self.synthetic_prob, use_encodings=facts.stores_encodings, bucket_names=names)
         if split == "train":
             n = self.num_samples("train")
             steps = self.steps_per_epoch
@@ -564,16 +677,21 @@ class LatentShardDataModule(lightning.LightningDataModule):
                 steps = max(1, math.ceil(n / (self.batch_size * world_size)))
             stream = ShardStream(urls, mode="train", shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size,
                                  resampled=self.resampled, **common)
-            return TrainLoader(stream, steps, workers, self.pin_memory)
+            loader = TrainLoader(stream, steps, workers, self.pin_memory)
+            self._resume_train(loader, rank, world_size)
+            self._train_loader = loader
+            return loader
         stream = ShardStream(urls, mode="eval", **common)
         sizes = self._eval_plan(split, rank, world_size)
         return EvalLoader(stream, self.val_batch_size, sizes, workers, self.pin_memory)
 
-    def _eval_plan(self, split: str, rank: int, world_size: int) -> list[int] | None:
+    def _eval_plan(self, split: str, rank: int, world_size: int) -> list[int] | dict[str, list[int]] | None:
         """Batch sizes for this rank: its share of the split (index % world == rank), in the same number of batches on every rank."""
         n = self.num_samples(split)
         if n is None:
             return None
+        if self.facts.buckets:
+            return self._bucket_plan(split, n, rank, world_size)
         if world_size == 1:
             return [min(self.val_batch_size, n - lo) for lo in range(0, n, self.val_batch_size)]
         per_rank = [len(range(r, n, world_size)) for r in range(world_size)]
@@ -581,6 +699,54 @@ class LatentShardDataModule(lightning.LightningDataModule):
             raise ShardFormatError(f"the {split} split has {n} samples, fewer than the {world_size} ranks")
         num_batches = math.ceil(max(per_rank) / self.val_batch_size)
         return plan_batches(per_rank[rank], self.val_batch_size, num_batches)
+
+    def _bucket_plan(self, split: str, n: int, rank: int, world_size: int) -> dict[str, list[int]]:
+        """Per-bucket batch sizes for this rank. prepare writes val / test sorted by bucket, so bucket b holds the
+        sample indices [start_b, start_b + count_b); a rank owns the indices i with i % world_size == rank."""
+        buckets = self.facts.buckets
+        counts = [int(c) for c in self.manifest["buckets"]["counts"].get(split, [0] * len(buckets))]
+        if sum(counts) != n:
+            raise ShardFormatError(f"{self.manifest_location}: the {split} bucket counts add up to {sum(counts)}, the split has {n}")
+        starts = np.cumsum([0, *counts])
+        share = [{b["name"]: len(range(int(lo) + (r - int(lo)) % world_size, int(hi), world_size))
+                  for b, lo, hi in zip(buckets, starts[:-1], starts[1:])} for r in range(world_size)]
+        needed = max(sum(math.ceil(c / self.val_batch_size) for c in s.values()) for s in share)
+        if min(sum(s.values()) for s in share) < needed:
+            raise ShardFormatError(f"the {split} split has too few samples ({n}) for {world_size} ranks to run {needed} batches each")
+        return plan_bucket_batches(share[rank], self.val_batch_size, needed)
+
+    # ---- the data position in checkpoints (exact resume of the training stream) ----
+    def state_dict(self) -> dict:
+        """Where the training stream stands: batches consumed, and every rank's workers' next (pass, batch).
+
+        Called on every rank when a checkpoint is written (Lightning's dump_checkpoint); the ranks' positions are
+        gathered, so one file resumes them all."""
+        trainer, loader = self._trainer_or_none(), getattr(self, "_train_loader", None)
+        if trainer is None or loader is None or getattr(trainer.state.fn, "value", trainer.state.fn) != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_progress.current.completed * len(loader)
+        consumed = int(done + trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        mine = {str(w): list(pos) for w, pos in loader.position(consumed).items()}
+        ranks = [mine]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * trainer.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        return {"train_stream": {"consumed": consumed, "workers": loader.num_slots, "ranks": ranks}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_position = state_dict.get("train_stream")
+
+    def _resume_train(self, loader: TrainLoader, rank: int, world_size: int) -> None:
+        position = getattr(self, "_resume_position", None)
+        if not position:
+            return
+        self._resume_position = None
+        if len(position["ranks"]) != world_size or int(position["workers"]) != loader.num_slots:
+            warnings.warn(f"the checkpoint's data position is for {len(position['ranks'])} rank(s) x {position['workers']} worker(s), "
+                          f"this run has {world_size} x {loader.num_slots}: the training stream restarts from its first pass "
+                          "(the run goes on, not exactly as it would have)", stacklevel=2)
+            return
+        loader.resume(position["consumed"], {int(w): tuple(pos) for w, pos in position["ranks"][rank].items()})
 
     def train_dataloader(self):
         return self.dataloader("train")
