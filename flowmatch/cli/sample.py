@@ -15,12 +15,20 @@ prompt per line. A prompt longer than a text encoder's max_length is truncated, 
 Without prompts a text-conditioned model samples unconditionally (the null condition it was trained
 with for dropped captions), --num images.
 
+Size: by default the size the model was trained at (the checkpoint's sample_shape). --height H --width W
+(image pixels) samples another size: latents H/f x W/f, f the autoencoder's downsampling factor (the
+checkpoint's data record); --latent_size h w gives the latent size itself. The networks with a cropped
+position table (DiT, MM-DiT) take sizes up to their table, FLUX (RoPE) any even size. The time grid's
+shift is the model's training time_shift rule evaluated at the size sampled (FLUX's mu from the token
+count, SD3's sqrt rule from the pixels; 1 = none for a model trained without one); --shift A overrides it.
+samples.json records the shift and where it came from.
+
 Other models (2-D points, class labels, pixel images, latent models that record no data): OUT/samples.npy
 (float32, shape (num, *sample_shape)), OUT/samples.json and a picture OUT/samples.png (a scatter plot
 for 2-D data, an image grid for images).
 
 Bad input (an unknown solver, steps < 1, guidance < 0, prompts for a model that takes no text, a missing
-prompts file or checkpoint, a checkpoint of another model) is an error with exit code 2 that writes nothing.
+prompts file or checkpoint, a checkpoint of another model, a size the network cannot take) is an error with exit code 2 that writes nothing.
 """
 
 import argparse
@@ -70,7 +78,13 @@ def build_parser() -> ArgumentParser:
                         "(default 2000, or 16 unconditional images)")
     p.add_argument("--solver", type=str, default="euler", help=f"ODE solver: one of {', '.join(SOLVERS)}")
     p.add_argument("--steps", type=int, default=25, help="solver steps (ignored by the adaptive dopri5)")
-    p.add_argument("--shift", type=float, default=1.0, help="SD3 resolution shift alpha of the time grid (1 = none; SD3 uses 3 at 1024^2)")
+    p.add_argument("--shift", type=float | None, default=None,
+                   help="resolution shift alpha of the time grid (1 = none; SD3 uses 3 at 1024^2); default: the model's "
+                        "training time_shift at the size sampled (1 without one)")
+    p.add_argument("--height", type=int | None, default=None, help="image height in pixels (with --width); default: the training size")
+    p.add_argument("--width", type=int | None, default=None, help="image width in pixels (with --height)")
+    p.add_argument("--latent_size", type=int, nargs=2, default=None, metavar=("h", "w"),
+                   help="latent height and width instead of --height / --width")
     p.add_argument("--grid", type=str, default="plain", help=f"time grid: one of {', '.join(GRID_KINDS)} (sd3 = SD3's reference sigmas)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="guidance scale w >= 0: classifier-free guidance (1 = off, 0 = unconditional), or, for a "
@@ -122,6 +136,8 @@ class Plan:
     config: SamplerConfig
     num: int  # images per prompt (prompts), else total samples
     batch_size: int
+    shape: tuple[int, ...]  # one sample's shape: (C, h, w) latents or images, (D,) points
+    shift_source: str  # where config.shift came from: "--shift", or the training rule at this size
     cond: Any = None  # arrays / label images: per-sample conditions (or None)
     prompts: list[str] | None = None
     prompt_cond: dict | None = None  # one row per prompt
@@ -145,6 +161,83 @@ def _check_numbers(args) -> None:
         raise ValueError(f"--upscale must be >= 0 (0 = auto), got {args.upscale}")
     if args.data_dir is not None and args.manifest is not None:
         raise ValueError("give --data_dir or --manifest, not both")
+    if (args.height is None) != (args.width is None):
+        raise ValueError(f"give --height and --width together, got --height {args.height} --width {args.width}")
+    if args.height is not None and args.latent_size is not None:
+        raise ValueError("give --height / --width (pixels) or --latent_size (latents), not both")
+    sizes = [*(() if args.height is None else (args.height, args.width)), *(args.latent_size or ())]
+    if any(v < 1 for v in sizes):
+        raise ValueError(f"sizes must be >= 1, got {' x '.join(map(str, sizes))}")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise ValueError(f"--shift must be a finite number > 0 (1 = none), got {args.shift}")
+
+
+# --- the size sampled and its time-grid shift ----------------------------------------------------------------
+def downsample_factor(record: dict | None, decoder=None) -> int | None:
+    """The autoencoder's downsampling factor f: image_shape over latent_shape of the data record, else the
+    decoder's own ``downsample``; None when neither is known."""
+    image, latent = (record or {}).get("image_shape"), (record or {}).get("latent_shape")
+    if image and latent and image[-1] % latent[-1] == 0:
+        return image[-1] // latent[-1]
+    return getattr(decoder, "downsample", None)
+
+
+def check_size(net, shape: tuple[int, ...], what: str) -> None:
+    """Raise one ValueError naming ``what`` (the size asked for) when ``net`` cannot take latents of ``shape``:
+    the networks' own check (patch divisibility, position table) run on a shape-only (meta) tensor."""
+    from flowmatch.networks.layers import check_latents
+
+    patch = getattr(net, "patch_size", 1) or 1
+    table = getattr(net, "pos_embed", None)
+    try:
+        if hasattr(net, "table_arg"):  # the DiT / MM-DiT / FLUX trunk
+            check_latents(torch.empty((1, *shape), device="meta"), net.in_channels, patch,
+                          getattr(table, "max_size", None), type(net).__name__, net.table_arg)
+        elif shape[-1] % patch or shape[-2] % patch:
+            raise ValueError(f"{type(net).__name__}: latent {shape[-2]}x{shape[-1]} is not divisible by patch_size {patch}")
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
+def sample_size(args, model, record: dict | None, decoder=None) -> tuple[tuple[int, ...], str | None]:
+    """(one sample's shape, a description of the size asked for, or None for the training size)."""
+    shape = tuple(model.sample_shape or ())
+    if args.height is None and args.latent_size is None:
+        return shape, None
+    if len(shape) != 3:
+        raise ValueError(f"--height/--width and --latent_size need a model of images or latents (C, H, W); {args.ckpt} "
+                         f"generates samples of shape {shape}")
+    if args.latent_size is not None:
+        h, w = args.latent_size
+        what = f"--latent_size {h} {w}"
+    else:
+        f = downsample_factor(record, decoder)
+        if f is None:
+            raise ValueError(f"--height/--width: {args.ckpt} records no autoencoder, so its downsampling factor is unknown: "
+                             "give --latent_size h w, or --data_dir DIR (or --manifest FILE) of its shards")
+        step = f * (getattr(model.net, "patch_size", 1) or 1)
+        what = f"--height {args.height} --width {args.width}"
+        if args.height % step or args.width % step:
+            raise ValueError(f"{what}: image sizes must be multiples of {step} (the autoencoder's factor {f} x the "
+                             f"network's patch_size {step // f})")
+        h, w = args.height // f, args.width // f
+        what += f" (latent {h}x{w})"
+    shape = (shape[0], h, w)
+    check_size(model.net, shape, what)
+    return shape, what
+
+
+def grid_shift(args, model, shape: tuple[int, ...]) -> tuple[float, str]:
+    """(alpha of the time grid, where it came from): --shift, else the model's training rule at ``shape``."""
+    from flowmatch.time_shift import sampling_shift
+
+    if args.shift is not None:
+        return args.shift, "--shift"
+    rule = getattr(model, "time_shift", None)
+    if rule is None:
+        return 1.0, "none: the model trained without a time_shift"
+    size = "x".join(map(str, shape[1:])) if len(shape) == 3 else str(shape)
+    return sampling_shift(rule, (1, *shape)), f"the training time_shift {rule!r} at latent {size}"
 
 
 def _data_facts(args, model):
@@ -191,7 +284,7 @@ def plan(args) -> Plan:
     from flowmatch.sampling.prompts import PromptError, encode_prompts, read_prompts
 
     _check_numbers(args)
-    config = SamplerConfig(solver=args.solver, steps=args.steps, shift=args.shift, grid=args.grid, guidance=args.guidance,
+    config = SamplerConfig(solver=args.solver, steps=args.steps, shift=args.shift or 1.0, grid=args.grid, guidance=args.guidance,
                            rtol=args.rtol, atol=args.atol)
     prompts = read_prompts(args.prompts, args.prompts_file)
     if prompts is not None and args.labels is not None:
@@ -220,13 +313,19 @@ def plan(args) -> Plan:
         if text_model:
             raise ValueError(f"{args.ckpt}: the model is text-conditioned but records no data (text encoders, autoencoder): "
                              "give --prompts and --data_dir DIR (or --manifest FILE) of the shards it was trained on")
+        shape, _ = sample_size(args, model, None)
+        shift, shift_source = grid_shift(args, model, shape)
         num = args.num or DEFAULT_NUM["arrays"]
-        return Plan("arrays", model, config, num, args.batch_size or DEFAULT_BATCH["arrays"], cond=_conditions(model, args.labels, num))
+        return Plan("arrays", model, dataclasses.replace(config, shift=shift), num, args.batch_size or DEFAULT_BATCH["arrays"],
+                    shape, shift_source, cond=_conditions(model, args.labels, num))
 
+    decoder = facts.load_autoencoder(args.device)
+    shape, _ = sample_size(args, model, facts.record(), decoder)
+    shift, shift_source = grid_shift(args, model, shape)
     num = args.num or DEFAULT_NUM["prompts" if prompts is not None else "images"]
-    p = Plan("images", model, config, num, args.batch_size or DEFAULT_BATCH["images"], info=facts.record(), info_source=source,
-             facts=facts, prompts=prompts, cond=_conditions(model, args.labels, num))
-    p.decoder = facts.load_autoencoder(args.device)
+    p = Plan("images", model, dataclasses.replace(config, shift=shift), num, args.batch_size or DEFAULT_BATCH["images"], shape,
+             shift_source, info=facts.record(), info_source=source, facts=facts, prompts=prompts, cond=_conditions(model, args.labels, num))
+    p.decoder = decoder
     if text_model:
         if prompts is None:
             p.notes.append("no prompts: sampling unconditionally (the model's null condition)"
@@ -281,7 +380,7 @@ def generate_images(p: Plan, seed: int, device: str) -> tuple[np.ndarray, np.nda
 
     from flowmatch.sampling.prompts import select
 
-    model, shape = p.model, tuple(p.model.sample_shape)
+    model, shape = p.model, p.shape
     gen = torch.Generator().manual_seed(seed)
     groups = len(p.prompts) if p.prompts is not None else 1
     column_noise = torch.randn((p.num, *shape), generator=gen)
@@ -361,9 +460,14 @@ def _image_name(p: Plan, i: int, width: int) -> str:
     return f"{i:0{width}d}_{tag}.png"
 
 
+def _print_shift(p: Plan) -> None:
+    print(f"time-grid shift {p.config.shift:.4g} ({p.shift_source})")
+
+
 def _main_images(args, p: Plan) -> int:
     for note in p.notes:
         print(f"warning: {note}", file=sys.stderr)
+    _print_shift(p)
     start = time.time()
     images, latents, nfes = generate_images(p, args.seed, args.device)
     nfe = max(nfes)  # the same for every batch but with the adaptive dopri5
@@ -390,7 +494,8 @@ def _main_images(args, p: Plan) -> int:
         "prompts": p.prompts, "negative_prompt": args.negative_prompt, "labels": args.labels,
         "num_per_prompt": p.num if p.prompts is not None else None, "num": len(images),
         "shape": list(images.shape), "latent_shape": list(latents.shape),
-        "sampler": config.name, "solver": config.solver, "steps": config.steps, "shift": config.shift, "grid": config.grid,
+        "sampler": config.name, "solver": config.solver, "steps": config.steps, "shift": config.shift,
+        "shift_source": p.shift_source, "grid": config.grid,
         "guidance": config.guidance, "seed": args.seed, "nfe": nfe, "nfe_per_batch": nfes, "batch_size": p.batch_size,
         "weights": getattr(p.model, "loaded_weights", "raw"), "seconds": round(seconds, 3),
         "seconds_per_image": round(seconds / len(images), 4),
@@ -411,11 +516,12 @@ def _main_images(args, p: Plan) -> int:
 
 def _main_arrays(args, p: Plan) -> int:
     model, config, num = p.model, p.config, p.num
+    _print_shift(p)
     start, chunks, nfe = time.time(), [], 0
     gen = torch.Generator().manual_seed(args.seed)
     for lo in range(0, num, p.batch_size):
         n = min(p.batch_size, num - lo)
-        noise = torch.randn((n, *model.sample_shape), generator=gen)
+        noise = torch.randn((n, *p.shape), generator=gen)
         part = None if p.cond is None else p.cond[lo : lo + n].to(args.device)
         x, nfe = model.generate(n, config, cond=part, noise=noise, progress=num > p.batch_size or config.solver != "dopri5")
         chunks.append(x.float().cpu())
@@ -425,7 +531,8 @@ def _main_arrays(args, p: Plan) -> int:
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", samples)
     info = {"ckpt": str(args.ckpt), "objective": type(model).__name__, "num": num, "shape": list(samples.shape),
-            "sampler": config.name, "solver": config.solver, "steps": config.steps, "shift": config.shift, "grid": config.grid,
+            "sampler": config.name, "solver": config.solver, "steps": config.steps, "shift": config.shift,
+        "shift_source": p.shift_source, "grid": config.grid,
             "guidance": config.guidance, "labels": args.labels, "seed": args.seed, "nfe": nfe,
             "weights": getattr(model, "loaded_weights", "raw"), "seconds": round(seconds, 3)}
     (out / "samples.json").write_text(json.dumps(info, indent=2))

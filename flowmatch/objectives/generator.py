@@ -250,17 +250,22 @@ class FlowGenerator(L.LightningModule):
         seed: int | None = 0,
         noise: torch.Tensor | None = None,
         progress: bool = False,
+        shape: tuple[int, ...] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Draw ``num`` samples by integrating the probability-flow ODE from t = t_max to 0.
 
-        Returns (samples, nfe). The network runs in eval mode (no condition dropout).
+        ``shape`` is one sample's shape, e.g. (C, h, w) for another latent size than the training one
+        (networks with a cropped position table or RoPE take any size within their limits); default
+        ``self.sample_shape``. Ignored when ``noise`` is given. Returns (samples, nfe). The network runs
+        in eval mode (no condition dropout).
         """
         sampler = sampler or SamplerConfig()
         if noise is None:
-            if self.sample_shape is None:
-                raise RuntimeError("this model does not know its sample shape: train it first or pass noise")
+            shape = tuple(shape) if shape is not None else self.sample_shape
+            if shape is None:
+                raise RuntimeError("this model does not know its sample shape: train it first or pass noise (or shape)")
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
-            noise = torch.randn((num, *self.sample_shape), generator=gen, dtype=torch.float32)
+            noise = torch.randn((num, *shape), generator=gen, dtype=torch.float32)
         noise = noise.to(self.device)
         # a guidance-distilled network takes the scale as an input and has no unconditional branch
         uncond = self.null_condition(cond) if sampler.guidance != 1.0 and not embeds_guidance(self.net) else None
