@@ -18,7 +18,7 @@ from flowmatch.time_samplers import LogitNormalTime
 from flowmatch.time_shift import FluxShift, sampling_shift
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),  # tests/conftest.py
-              pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")]  # training_step without a Trainer
+              pytest.mark.filterwarnings("ignore:You are trying to")]  # training_step without a Trainer
 
 C = 16  # latent channels, as SD3's and FLUX's VAEs
 TEXT = dict(pooled_dim=12, context_dim=20)
