@@ -53,10 +53,20 @@ class MatchModelToData(lightning.Callback):
         network = getattr(pl_module, "net", None)
         if facts is None or network is None:
             return
+        where = f"shard set {facts.location}"
         try:
-            check_fits(network, facts.conditioning, facts.sample_shape, data_name=f"shard set {facts.location}")
+            check_fits(network, facts.conditioning, facts.sample_shape, data_name=where)
+            for shape in facts.sample_shapes:  # every aspect-ratio bucket must fit as well
+                check_fits(network, None, shape, data_name=where)
         except ConditioningMismatchError as err:
             raise ManifestMismatchError(str(err)) from None
+        table = getattr(getattr(network, "pos_embed", None), "max_size", None)
+        too_big = [s for s in facts.sample_shapes if table and max(s[1:]) > table * network.patch_size]
+        if too_big:
+            raise ManifestMismatchError(
+                f"{where} holds latents of {too_big[0][1]}x{too_big[0][2]}, beyond the network's position table of "
+                f"{table}x{table} tokens = {table * network.patch_size}x{table * network.patch_size} latent pixels "
+                f"(set by {getattr(network, 'table_arg', 'its table size')}): raise it, or leave that bucket out")
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._check(trainer, pl_module)

@@ -14,12 +14,23 @@ for label captions, with every sampler setting, and compares them with the split
   for the held-out half's synthetic captions ("a thick, upright seven ...": ``caption_acc_syn_{sampler}``).
 - ``{stage}/nfe_{sampler}``: network evaluations per image (guidance counts its two passes as one).
 
+Data with aspect-ratio buckets (``prepare`` with buckets): the held-out split is compared bucket by bucket:
+``{stage}/fd_{sampler}_{bucket}`` and ``fd_ratio_..._{bucket}`` (images generated at the bucket's size for the
+captions of its half A, against its half B), ``caption_acc_syn_{sampler}_{bucket}``; ``fd_ratio_{sampler}``
+is then the mean of the buckets' ratios (``fd_{sampler}`` and ``fd_real`` the means of theirs). With
+``placement=True`` (the demo_buckets data, whose captions say where the digit is) a generated image counts
+as adherent when the digit cut from the captioned place is the captioned digit and the ink sits there
+(``placement_acc_{sampler}_{bucket}``: the place alone). The grid shows one row per bucket and sampler,
+padded to one size. Unless a sampler spec sets ``shift``, images of every size are sampled with the
+model's training time shift at that size (flowmatch.time_shift.sampling_shift), as `sample` does.
+
 Sampler names come from the compact specs: "euler25", "euler25:cfg=1.5" -> euler25_cfg1p5, "dopri5".
 The noise is seeded, so numbers and pictures are comparable across validations and runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import lightning as L
@@ -28,7 +39,8 @@ import torch
 from flowmatch.callbacks.common import parse_samplers
 from flowmatch.callbacks.plots import image_grid
 from flowmatch.data.facts import facts_of
-from flowmatch.data.reference import reference_batch
+from flowmatch.data.reference import reference_batch, reference_buckets
+from flowmatch.time_shift import sampling_shift
 from flowmatch.tracking import log_image_to_loggers
 
 
@@ -74,6 +86,7 @@ class ImageSampleMetrics(L.Callback):
         seed: seed of the sampling noise.
         plot: log a grid (one row of real held-out images, then one row per sampler, one column per class caption).
         print_table: print a table of the numbers at the end of `validate` / `test`.
+        placement: judge the synthetic captions' placement too (the demo_buckets data; see the module doc).
     """
 
     def __init__(
@@ -87,6 +100,7 @@ class ImageSampleMetrics(L.Callback):
         seed: int = 1234,
         plot: bool = True,
         print_table: bool = True,
+        placement: bool = False,
     ):
         self.samplers = parse_samplers(samplers)
         self.test_samplers = parse_samplers(test_samplers) if test_samplers else self.samplers
@@ -95,6 +109,7 @@ class ImageSampleMetrics(L.Callback):
         if per_class < 1:
             raise ValueError(f"per_class must be >= 1, got {per_class}")
         self.per_class, self.seed, self.plot, self.print_table = per_class, seed, plot, print_table
+        self.placement = placement
         self._features = None
         self._reference: dict[str, dict] = {}
         self.last: dict[str, float] = {}  # the latest numbers, for tests and summaries
@@ -115,6 +130,8 @@ class ImageSampleMetrics(L.Callback):
 
         data = latent_data(trainer.datamodule)
         facts = data.facts
+        if facts.buckets:
+            return self._bucket_references(data, split)
         n = data.num_samples(split)
         batch = reference_batch(data, n or 512, split=split)
         if batch["x0"].shape[0] < 4:
@@ -137,10 +154,107 @@ class ImageSampleMetrics(L.Callback):
         self._reference[split] = ref
         return ref
 
+    def _bucket_references(self, data, split: str) -> dict:
+        """Per bucket: halves A / B of the split's images, A's conditions and captions, FD(A, B); and the label captions."""
+        from flowmatch.metrics.frechet import frechet_distance, frechet_metric
+
+        facts = data.facts
+        label_caps = [cap for cap in self.class_captions for _ in range(self.per_class)]
+        ref = {"buckets": {}, "cond_labels": facts.encode(label_caps),
+               "labels_l": torch.arange(len(self.class_captions)).repeat_interleave(self.per_class)}
+        for name, batch in reference_buckets(data, split).items():
+            if batch["x0"].shape[0] < 4 or "label" not in batch:
+                continue  # too few for a Fréchet distance (or unlabelled): this bucket is left out and said so in the table
+            images = facts.decode(batch["x0"]).float().cpu()
+            idx = torch.arange(images.shape[0])
+            a, b = idx[0::2][: len(idx[1::2])], idx[1::2]
+            one = {"real_a": images[a], "real_b": images[b], "labels_a": batch["label"][a], "synthetic_a": batch["synthetic"][a],
+                   "captions_a": [batch["caption"][i] for i in a.tolist()], "cond_a": _take(batch["cond"], a),
+                   "shape": tuple(batch["x0"].shape[1:])}
+            one["fd_real"] = frechet_distance(one["real_a"], one["real_b"], self._features)
+            one["fd_metric"] = frechet_metric(self._features, reset_real_features=False)
+            one["fd_metric"].update(one["real_b"], real=True)
+            ref["buckets"][name] = one
+        if not ref["buckets"]:
+            raise RuntimeError(f"no bucket of the {split} split has 4 labelled samples: too few for a Fréchet distance")
+        ref["fd_real"] = sum(r["fd_real"] for r in ref["buckets"].values()) / len(ref["buckets"])
+        self._reference[split] = ref
+        return ref
+
+    def _generate(self, pl_module, num: int, sampler, cond: dict, shape) -> tuple[torch.Tensor, int]:
+        """Images' latents at ``shape`` (the training time shift at that size unless the spec sets one)."""
+        if sampler.shift == 1.0 and getattr(pl_module, "time_shift", None) is not None:
+            sampler = dataclasses.replace(sampler, shift=sampling_shift(pl_module.time_shift, shape))
+        return pl_module.generate(num, sampler, cond=cond, seed=self.seed, shape=shape)
+
+    def _evaluate_buckets(self, trainer, pl_module, stage: str, samplers, ref: dict) -> None:
+        facts = latent_data(trainer.datamodule).facts
+        classifies = self._features.num_classes > 0
+        values: dict[str, float] = {f"{stage}/fd_real": ref["fd_real"]}
+        table, rows = [], []
+        to_device = lambda cond: {k: v.to(pl_module.device) for k, v in cond.items()}  # noqa: E731
+        for sampler in samplers:
+            start, name = time.time(), sampler.name
+            x, nfe = self._generate(pl_module, len(ref["labels_l"]), sampler, to_device(ref["cond_labels"]), pl_module.sample_shape)
+            gen_l = facts.decode(x.float()).float().cpu()
+            row = {"sampler": name, "nfe": nfe, "buckets": {}}
+            if classifies:
+                row["caption_acc"] = float((self._features.predict(gen_l) == ref["labels_l"]).float().mean())
+            for bucket, r in ref["buckets"].items():
+                x, _ = self._generate(pl_module, r["real_a"].shape[0], sampler, to_device(r["cond_a"]), r["shape"])
+                gen_a = facts.decode(x.float()).float().cpu()
+                metric = r["fd_metric"]
+                metric.reset()
+                metric.update(gen_a, real=False)
+                fd = float(metric.compute())
+                one = {"fd": fd, "fd_ratio": fd / max(r["fd_real"], 1e-12)}
+                syn = r["synthetic_a"]
+                if classifies and bool(syn.any()):
+                    one.update(self._synthetic_adherence(gen_a[syn], [c for c, s in zip(r["captions_a"], syn.tolist()) if s],
+                                                         r["labels_a"][syn]))
+                row["buckets"][bucket] = one
+                for key, value in one.items():
+                    values[f"{stage}/{key}_{name}_{bucket}"] = float(value)
+                rows.append(gen_a[: len(self.class_captions)])
+            per = list(row["buckets"].values())
+            row["fd"] = sum(b["fd"] for b in per) / len(per)
+            row["fd_ratio"] = sum(b["fd_ratio"] for b in per) / len(per)
+            if per and all("caption_acc_syn" in b for b in per):
+                row["caption_acc_syn"] = sum(b["caption_acc_syn"] for b in per) / len(per)
+            row["seconds"] = time.time() - start
+            for key in ("nfe", "fd", "fd_ratio", "caption_acc", "caption_acc_syn"):
+                if key in row:
+                    values[f"{stage}/{key}_{name}"] = float(row[key])
+            table.append(row)
+        for key, value in values.items():
+            pl_module.log(key, value)
+        self.last.update(values)
+        if self.plot:
+            real = [r["real_b"][: len(self.class_captions)] for r in ref["buckets"].values()]
+            grid = image_grid(pad_to_one_size(real + rows).numpy(), ncols=len(self.class_captions))
+            log_image_to_loggers(trainer, grid, key="samples" if stage == "val" else f"{stage}_samples", step=trainer.global_step)
+        fn = getattr(trainer.state.fn, "value", trainer.state.fn)
+        if self.print_table and fn in ("validate", "test") and trainer.is_global_zero:
+            print(format_table(table, ref["fd_real"], stage, weights="EMA" if _uses_ema(trainer) else "trained"))
+
+    def _synthetic_adherence(self, images: torch.Tensor, captions: list[str], labels: torch.Tensor) -> dict:
+        """Share of images that show the captioned digit (and, with ``placement``, show it where the caption says)."""
+        if not self.placement:
+            return {"caption_acc_syn": float((self._features.predict(images) == labels).float().mean())}
+        from flowmatch.data.placed_digits import digit_crop, placement_of_caption, placement_of_image
+
+        wanted = [placement_of_caption(c) for c in captions]
+        right_digit = self._features.predict(digit_crop(images, wanted)) == labels
+        right_place = torch.tensor([g == w for g, w in zip(placement_of_image(images), wanted)])
+        return {"caption_acc_syn": float((right_digit & right_place).float().mean()), "placement_acc": float(right_place.float().mean())}
+
     # ---- the evaluation ----
     def _evaluate(self, trainer, pl_module, stage: str, samplers) -> None:
         if trainer.sanity_checking:
             return
+        if latent_data(trainer.datamodule).facts.buckets:
+            ref = self._reference_for(trainer, "test" if stage == "test" else "val")
+            return self._evaluate_buckets(trainer, pl_module, stage, samplers, ref)
         facts = latent_data(trainer.datamodule).facts
         ref = self._reference_for(trainer, "test" if stage == "test" else "val")
         cond = _concat_cond(ref["cond_a"], ref["cond_labels"])
@@ -205,7 +319,24 @@ def format_table(rows: list[dict], fd_real: float, stage: str, weights: str) -> 
         acc = f"{100 * r['caption_acc']:.1f}%" if "caption_acc" in r else "-"
         syn = f"{100 * r['caption_acc_syn']:.1f}%" if "caption_acc_syn" in r else "-"
         lines.append(f"{r['sampler']:<22}{r['nfe']:>6}{r['fd']:>9.3f}{r['fd_ratio']:>9.2f}{acc:>13}{syn:>11}{r['seconds']:>9.1f}")
+        for bucket, b in r.get("buckets", {}).items():  # data with aspect-ratio buckets: each bucket under its sampler
+            syn = f"{100 * b['caption_acc_syn']:.1f}%" if "caption_acc_syn" in b else "-"
+            lines.append(f"{'  ' + bucket:<22}{'':>6}{b['fd']:>9.3f}{b['fd_ratio']:>9.2f}{'':>13}{syn:>11}")
     return "\n".join(lines)
+
+
+def pad_to_one_size(groups: list[torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+    """Image batches of different sizes (one per bucket) centred on canvases of the largest height and width (grey
+    by default), concatenated: one grid can then show every aspect ratio."""
+    h = max(g.shape[-2] for g in groups)
+    w = max(g.shape[-1] for g in groups)
+    out = []
+    for g in groups:
+        canvas = torch.full((*g.shape[:-2], h, w), fill, dtype=g.dtype)
+        top, left = (h - g.shape[-2]) // 2, (w - g.shape[-1]) // 2
+        canvas[..., top : top + g.shape[-2], left : left + g.shape[-1]] = g
+        out.append(canvas)
+    return torch.cat(out)
 
 
 __all__ = ["ImageSampleMetrics", "digit_captions", "format_table"]

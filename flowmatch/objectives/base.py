@@ -10,6 +10,7 @@ before the update (flowmatch.training.divergence); runs resume exactly (flowmatc
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -20,6 +21,7 @@ from flowmatch.adapters.lora import LoraAdapter
 from flowmatch.objectives.generator import FlowGenerator, unpack_batch
 from flowmatch.objectives.loss import FlowLoss
 from flowmatch.time_samplers import TimeSampler, UniformTime
+from flowmatch.data.facts import facts_of
 from flowmatch.time_shift import TimeShift
 from flowmatch.training.divergence import stop_if_not_finite
 from flowmatch.weighting import Weighting, get_weighting
@@ -80,6 +82,7 @@ class FlowObjective(FlowGenerator):
             raise ValueError(f"val_levels must be >= 2 (t = 1 is excluded from the average), got {val_levels}")
         self.val_times = [k / val_levels for k in range(1, val_levels + 1)]
         self.val_metrics = nn.ModuleList(MeanMetric() for _ in self.val_times)
+        self.bucket_metrics = nn.ModuleDict()  # per aspect-ratio bucket, made in setup from the data
 
     @property
     def objective(self) -> FlowLoss:
@@ -109,9 +112,21 @@ class FlowObjective(FlowGenerator):
             gen = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
             eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device)
         objective = self.objective
+        levels = []
         for t_level, metric in zip(self.val_times, self.val_metrics):
             t = torch.full((x0.shape[0],), t_level, device=x0.device, dtype=torch.float32)
-            metric.update(objective.loss_per_sample(self.net, x0, t, eps, cond))
+            levels.append(objective.loss_per_sample(self.net, x0, t, eps, cond))
+            metric.update(levels[-1])
+        bucket = batch.get("bucket") if isinstance(batch, dict) else None
+        if bucket is not None and bucket in self.bucket_metrics:  # one shape a batch: its bucket's loss, t = 1 excluded as below
+            self.bucket_metrics[bucket].update(torch.stack(levels[:-1]).mean(0))
+
+    def setup(self, stage: str) -> None:
+        """One validation-loss metric per aspect-ratio bucket of the data (none for single-shape data): made on every
+        rank alike before the first evaluation, so their values reduce over ranks like the level metrics."""
+        facts = facts_of(getattr(self._trainer, "datamodule", None)) if self._trainer is not None else None
+        names = [b["name"] for b in facts.buckets] if facts is not None else []
+        self.bucket_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
 
     def _log_level_losses(self, stage: str) -> None:
         values = [m.compute() for m in self.val_metrics]
@@ -119,6 +134,13 @@ class FlowObjective(FlowGenerator):
             self.log(f"{stage}/loss_t{t_level:.3f}", v, sync_dist=True)  # (already reduced over ranks by the metric)
         self.log(f"{stage}/loss", torch.stack(values[:-1]).mean(), prog_bar=True, sync_dist=True)  # t = 1 excluded (SD3)
         for m in self.val_metrics:
+            m.reset()
+        for name, m in self.bucket_metrics.items():
+            with warnings.catch_warnings():  # a bucket the split lacks: compute (synced over ranks) is nan on every rank
+                warnings.simplefilter("ignore")
+                value = m.compute()
+            if torch.isfinite(value):
+                self.log(f"{stage}/loss_bucket_{name}", value, sync_dist=True)
             m.reset()
 
     def validation_step(self, batch, batch_idx):
