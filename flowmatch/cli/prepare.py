@@ -4,6 +4,8 @@
     python -m flowmatch prepare --source photos/ --out data/photos --size 256 --autoencoder path/to/sd3_vae \\
         --text_encoders [path/to/clip_l,path/to/t5] --max_length [77,256]
     python -m flowmatch prepare --source captions.jsonl --out data/mine --autoencoder runs/.../last.ckpt
+    python -m flowmatch prepare --source demo_buckets --out data/demo_buckets        (aspect-ratio buckets)
+    python -m flowmatch prepare --source photos/ --out data/photos_ar --bucket_pixels 65536 --autoencoder path/to/sd3_vae
 
 A re-run with the same settings skips finished shards (resumable); the summary names what was written.
 """
@@ -18,7 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m flowmatch prepare", description=__doc__, exit_on_error=True)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
-    p.add_argument("--source", type=str, default="demo", help="'demo' (sklearn digits), a folder of images (captions in NAME.txt / NAME.syn.txt), or a .jsonl of {image, caption, synthetic_caption?, label?}")
+    p.add_argument("--source", type=str, default="demo", help="'demo' (sklearn digits), 'sideways', 'demo_buckets' (digits on square / wide / tall pictures), a folder of images (captions in NAME.txt / NAME.syn.txt), or a .jsonl of {image, caption, synthetic_caption?, label?}")
     p.add_argument("--out", type=str, default="data/demo", help="output folder for the shards and manifest.json")
     p.add_argument("--autoencoder", type=str, default="space_to_depth:4", help="space_to_depth[:F] (lossless), an AutoencoderModule .ckpt, or a diffusers AutoencoderKL directory")
     p.add_argument("--text_encoders", type=list[str], default=["minilm"], help="local transformers directories (CLIP text, T5 encoder, BERT-style) or 'minilm'; [] for none")
@@ -33,6 +35,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--limit", type=int | None, default=None, help="use only this many images (a fixed random subset), e.g. for tests")
     p.add_argument("--shift", type=float | None, default=None, help="latent normalisation shift (default: the autoencoder's, else the train mean)")
     p.add_argument("--scale", type=float | None, default=None, help="latent normalisation scale (default: the autoencoder's, else 1 / train std)")
+    p.add_argument("--buckets", type=list[list[int]] | None, default=None, help="aspect-ratio buckets [[H,W],...] in pixels: each image goes to the nearest aspect ratio, resized and centre-cropped (default: the source's own, e.g. demo_buckets'; none: one square --size)")
+    p.add_argument("--bucket_pixels", type=int | None, default=None, help="make the buckets instead: about this many pixels each, aspect ratios up to --bucket_max_ratio (SDXL / kohya style)")
+    p.add_argument("--bucket_multiple", type=int | None, default=None, help="bucket sides must be multiples of this (default: the autoencoder's downsampling x 2, for 2x2 patches)")
+    p.add_argument("--bucket_max_ratio", type=float, default=2.0, help="largest aspect ratio of the buckets --bucket_pixels makes")
+    p.add_argument("--small_images", type=str, default="skip", help="an image below every bucket in both sides: 'skip' it (counted in the summary) or 'upscale' it")
     p.add_argument("--batch_size", type=int, default=128, help="images per autoencoder batch")
     p.add_argument("--text_batch_size", type=int, default=256, help="captions per text-encoder batch")
     p.add_argument("--device", type=str, default="cpu", help="torch device for the autoencoder and text encoders")

@@ -1,7 +1,8 @@
 """Images + captions -> latent/caption shards (the format of flowmatch.data.shard_format).
 
-    source (demo | sideways | image folder | jsonl) -> fixed train / val / test split
-        -> images -> autoencoder.encode -> float16 latents
+    source (demo | sideways | demo_buckets | image folder | jsonl) -> fixed train / val / test split
+        [-> each image to its aspect-ratio bucket (flowmatch.data.buckets); val / test sorted by bucket]
+        -> images (one square size, or fitted to their buckets) -> autoencoder.encode -> float16 latents
         -> original and synthetic captions -> text encoders -> token states, masks, pooled vectors
         -> webdataset ShardWriter: OUT/{split}-{shard:06d}.tar, ``shard_size`` samples each
     -> OUT/manifest.json (counts, latent shape, normalisation measured on the train split, encoders)
@@ -11,6 +12,14 @@ normalisation needs); a re-run with the same settings skips finished shards and 
 unfinished one (written as NAME.partial and renamed when complete). A re-run with other settings
 refuses to mix them into the same folder unless ``overwrite``. The manifest is written last, so
 a training run never sees a half-written shard set.
+
+Buckets (``buckets`` given, ``bucket_pixels`` to make them, or the source's own, as demo_buckets has): every
+image goes to the bucket nearest its aspect ratio and is resized and centre-cropped to it; the autoencoder
+encodes each bucket's images as one batch shape. An image below every bucket in both sides is skipped (and
+counted) or, with ``small_images="upscale"``, enlarged. The manifest's "buckets" entry (names, pixel and latent
+sizes, sample counts per split and bucket) tells the loader which shapes to expect; val and test samples
+are written sorted by bucket, so each bucket's are one run of consecutive indices; train keeps the source's
+order, so its shards mix buckets. Without buckets the set holds one square size, exactly as before.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import numpy as np
 import torch
 
 from flowmatch.autoencoders.base import load_autoencoder
+from flowmatch.data.buckets import Bucket, bucket_name, check_buckets, fit_to_bucket, is_small, make_buckets, nearest_bucket
 from flowmatch.data.shard_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -64,6 +74,11 @@ class PrepareConfig:
     limit: int | None = None
     shift: float | None = None
     scale: float | None = None
+    buckets: list[list[int]] | None = None
+    bucket_pixels: int | None = None
+    bucket_multiple: int | None = None
+    bucket_max_ratio: float = 2.0
+    small_images: str = "skip"
     batch_size: int = 128
     text_batch_size: int = 256
     device: str = "cpu"
@@ -75,6 +90,11 @@ class PrepareConfig:
         keys = ("source", "autoencoder", "text_encoders", "max_length", "store_encodings", "size", "channels",
                 "shard_size", "seed", "val_fraction", "test_fraction", "limit")
         out = {k: getattr(self, k) for k in keys}
+        bucket_keys = ("buckets", "bucket_pixels", "bucket_multiple", "bucket_max_ratio", "small_images")
+        if any(getattr(self, k) != PrepareConfig.__dataclass_fields__[k].default for k in bucket_keys):
+            out.update({k: getattr(self, k) for k in bucket_keys})  # only then: the settings of older sets stay as they were
+            if self.buckets is not None:
+                out["buckets"] = [[int(v) for v in b] for b in self.buckets]  # as JSON gives them back on resume
         if self.source not in BUILT_IN_SOURCES:  # a folder or file: its identity is its absolute path
             out["source"] = str(Path(self.source).resolve())
         ae = Path(self.autoencoder)
@@ -132,11 +152,11 @@ def prepare_shards(cfg: PrepareConfig, log=print) -> dict:
     run = _start(cfg)
     if run.todo == 0 and (run.out / MANIFEST_NAME).is_file():
         return _finish(run, json.loads((run.out / MANIFEST_NAME).read_text()), log)
-    autoencoder, latent_shape = _load_autoencoder(cfg, run.source)
+    autoencoder = run.autoencoder or _load_autoencoder(cfg, run.source)
     text = _load_text_encoders(cfg)
     encode_text = cfg.store_encodings and text is not None
     _write_shards(run, autoencoder, text if encode_text else None)
-    manifest = _manifest(cfg, run.source, run.splits, run.plan, run.state, autoencoder, latent_shape, text, encode_text)
+    manifest = _manifest(run, autoencoder, text, encode_text)
     write_manifest(manifest, run.out)
     return _finish(run, manifest, log)
 
@@ -163,6 +183,24 @@ def prepare_once(data_dir: str, source: str) -> None:
 
 
 @dataclass
+class _Buckets:
+    """The buckets of a run and each record's bucket (prepare's plan when it buckets images)."""
+
+    sizes: list[Bucket]
+    target_pixels: int | None
+    index: dict[str, list[int]]  # split -> the bucket (index into sizes) of each record of run.splits[split]
+    skipped: dict[str, int]  # split -> small images left out
+    small_examples: list[str]  # the first few small images (skipped or upscaled), for the summary
+    upscaled: int = 0
+
+    def latent_sizes(self, autoencoder) -> list[list[int]]:
+        return [list(autoencoder.latent_shape(b)[1:]) for b in self.sizes]
+
+    def counts(self, split: str) -> list[int]:
+        return np.bincount(np.asarray(self.index[split], dtype=np.int64), minlength=len(self.sizes)).tolist()
+
+
+@dataclass
 class _Run:
     """One prepare run: its settings, output folder, record of finished shards, source and plan of shards."""
 
@@ -173,6 +211,8 @@ class _Run:
     splits: dict[str, list[Record]]
     plan: dict[str, list[list[Record]]]  # split -> shards -> records
     start: float
+    buckets: _Buckets | None = None
+    autoencoder: object = None  # loaded early when the buckets' default multiple needs its downsampling
     written: dict[str, int] = field(default_factory=lambda: {split: 0 for split in SPLITS})
     no_synthetic: int = 0
 
@@ -196,18 +236,65 @@ def _start(cfg: PrepareConfig) -> _Run:
     state = _State(out, cfg.fingerprint(), cfg.overwrite)
     source: Source = open_source(cfg.source, cfg.size, cfg.channels)
     splits = source.splits(cfg.seed, cfg.val_fraction, cfg.test_fraction, cfg.limit)
+    autoencoder, buckets = None, None
+    if cfg.buckets is not None or cfg.bucket_pixels is not None or source.buckets is not None:
+        autoencoder = _load_autoencoder(cfg, source)
+        splits, buckets = _assign_buckets(cfg, source, splits, autoencoder.downsample)
     plan = {split: _shards_of(splits[split], cfg.shard_size) for split in SPLITS}
-    return _Run(cfg, out, state, source, splits, plan, start)
+    return _Run(cfg, out, state, source, splits, plan, start, buckets, autoencoder)
+
+
+def _bucket_sizes(cfg: PrepareConfig, source: Source, downsample: int) -> tuple[list[Bucket], int | None]:
+    """The run's buckets (given, made from bucket_pixels, or the source's own) and the target area they were made for."""
+    if cfg.buckets is not None and cfg.bucket_pixels is not None:
+        raise PrepareError("give either buckets (the sizes) or bucket_pixels (to make them), not both")
+    if cfg.size is not None:
+        raise PrepareError(f"size {cfg.size} sets one square size; with buckets each image takes its bucket's size: leave size out")
+    if cfg.small_images not in ("skip", "upscale"):
+        raise PrepareError(f"small_images must be 'skip' or 'upscale', got {cfg.small_images!r}")
+    multiple = cfg.bucket_multiple or 2 * downsample  # whole 2x2 patches of latent pixels
+    try:
+        if cfg.buckets is not None:
+            return check_buckets(cfg.buckets, multiple), None
+        if cfg.bucket_pixels is not None:
+            return check_buckets(make_buckets(cfg.bucket_pixels, multiple, cfg.bucket_max_ratio), multiple), cfg.bucket_pixels
+        return check_buckets(source.buckets, multiple), None
+    except ValueError as err:
+        raise PrepareError(str(err)) from err
+
+
+def _assign_buckets(cfg: PrepareConfig, source: Source, splits: dict[str, list[Record]], downsample: int):
+    """Each record's bucket (from its native size; no image is loaded), small images left out unless upscaled, and val /
+    test sorted by bucket (stable) so each bucket's samples there are consecutive. Returns (splits, _Buckets)."""
+    sizes, target = _bucket_sizes(cfg, source, downsample)
+    out, buckets = {}, _Buckets(sizes, target, {}, {split: 0 for split in SPLITS}, [])
+    for split in SPLITS:
+        kept, index = [], []
+        for rec in splits[split]:
+            h, w = source.image_size(rec)
+            if is_small(h, w, sizes):
+                if len(buckets.small_examples) < 5:
+                    buckets.small_examples.append(f"{rec.source} ({h}x{w})")
+                if cfg.small_images == "skip":
+                    buckets.skipped[split] += 1
+                    continue
+                buckets.upscaled += 1
+            kept.append(rec)
+            index.append(sizes.index(nearest_bucket(h, w, sizes)))
+        if split != "train":
+            order = sorted(range(len(kept)), key=index.__getitem__)  # sorted() is stable
+            kept, index = [kept[i] for i in order], [index[i] for i in order]
+        out[split], buckets.index[split] = kept, index
+    return out, buckets
 
 
 def _load_autoencoder(cfg: PrepareConfig, source: Source):
-    """The autoencoder (on cfg.device, eval mode) and the latent shape of the source's images."""
+    """The autoencoder (on cfg.device, eval mode)."""
     ae_spec: str | dict = cfg.autoencoder
     if isinstance(ae_spec, str) and ae_spec.split(":")[0] in ("s2d", "space_to_depth"):
         factor = int(ae_spec.split(":")[1]) if ":" in ae_spec else 4
         ae_spec = {"kind": "space_to_depth", "factor": factor, "image_channels": source.channels}
-    autoencoder = load_autoencoder(ae_spec).to(cfg.device).eval()
-    return autoencoder, autoencoder.latent_shape((source.size, source.size))
+    return load_autoencoder(ae_spec).to(cfg.device).eval()
 
 
 def _load_text_encoders(cfg: PrepareConfig):
@@ -285,11 +372,18 @@ def _write_shard(run: _Run, writer, split: str, shard: int, autoencoder, text) -
     cfg, source = run.cfg, run.source
     recs = run.plan[split][shard]
     first = shard * cfg.shard_size
-    latents = _encode_images(autoencoder, source, recs, cfg)
+    if run.buckets is None:
+        latents = list(_encode_images(autoencoder, source, recs, cfg))
+        sizes = [(source.size, source.size)] * len(recs)
+    else:
+        sizes = [run.buckets.sizes[b] for b in run.buckets.index[split][first : first + len(recs)]]
+        latents = _encode_bucketed(autoencoder, source, recs, sizes, cfg)
     encodings = _encode_captions(text, recs, cfg) if text is not None else None
     for j, rec in enumerate(recs):
         index = first + j
-        meta = {"index": index, "size": [source.size, source.size], "channels": source.channels, "source": rec.source}
+        meta = {"index": index, "size": list(sizes[j]), "channels": source.channels, "source": rec.source}
+        if run.buckets is not None:
+            meta["bucket"] = bucket_name(sizes[j])
         if rec.label is not None:
             meta["label"] = rec.label
         enc = None
@@ -298,20 +392,40 @@ def _write_shard(run: _Run, writer, split: str, shard: int, autoencoder, text) -
         writer.write(encode_sample(sample_key(split, index), latents[j], rec.caption, rec.caption_syn, meta, enc))
         run.no_synthetic += not rec.has_synthetic
     run.written[split] += len(recs)
-    lat = latents.astype(np.float64)
-    return {"count": len(recs), "sum": float(lat.sum()), "sumsq": float((lat**2).sum()), "numel": int(lat.size)}
+    lat = [z.astype(np.float64) for z in latents]  # (sums work across latent shapes)
+    return {"count": len(recs), "sum": float(sum(z.sum() for z in lat)), "sumsq": float(sum((z**2).sum() for z in lat)),
+            "numel": int(sum(z.size for z in lat))}
 
 
 def _finish(run: _Run, manifest: dict, log) -> dict:
     """Print the summary of the run; the manifest with it."""
     summary = {"written": run.written, "skipped_finished": run.total - sum(run.written.values()),
                "no_synthetic_caption": run.no_synthetic, "seconds": round(time.time() - run.start, 1)}
+    if run.buckets is not None:
+        summary.update(skipped_small=run.buckets.skipped, upscaled_small=run.buckets.upscaled, small_examples=run.buckets.small_examples)
     _print_summary(log, run.out, manifest, summary)
     return {**manifest, "summary": summary}
 
 
 def _encode_images(autoencoder, source: Source, recs: list[Record], cfg: PrepareConfig) -> np.ndarray:
-    images = _to_autoencoder_channels(source.load_images(recs), autoencoder.image_channels, source.name)
+    return _encode_batches(autoencoder, source.load_images(recs), source.name, cfg)
+
+
+def _encode_bucketed(autoencoder, source: Source, recs: list[Record], sizes: list[Bucket], cfg: PrepareConfig) -> list[np.ndarray]:
+    """Latents of records of several buckets (``sizes``: each record's), in the records' order: each bucket's images are
+    encoded together (the autoencoder takes one shape per batch). Images are loaded and fitted one at a time, so a
+    shard of large photos never sits in memory at full size."""
+    out: list[np.ndarray] = [None] * len(recs)  # type: ignore[list-item]
+    for size in dict.fromkeys(sizes):
+        members = [j for j, s in enumerate(sizes) if s == size]
+        images = np.stack([fit_to_bucket(source.load_native([recs[j]])[0], size) for j in members])
+        for j, z in zip(members, _encode_batches(autoencoder, images, source.name, cfg)):
+            out[j] = z
+    return out
+
+
+def _encode_batches(autoencoder, images: np.ndarray, source_name: str, cfg: PrepareConfig) -> np.ndarray:
+    images = _to_autoencoder_channels(images, autoencoder.image_channels, source_name)
     parts = []
     with torch.inference_mode():
         for lo in range(0, len(images), cfg.batch_size):
@@ -332,7 +446,8 @@ def _encode_captions(text, recs: list[Record], cfg: PrepareConfig) -> dict:
     }
 
 
-def _manifest(cfg, source, splits, plan, state, autoencoder, latent_shape, text, encode_text) -> dict:
+def _manifest(run: _Run, autoencoder, text, encode_text) -> dict:
+    cfg, source, splits, plan, state = run.cfg, run.source, run.splits, run.plan, run.state
     train = [state.done[shard_name("train", k)] for k in range(len(plan["train"]))]
     count = sum(s["numel"] for s in train)
     if count:
@@ -350,13 +465,18 @@ def _manifest(cfg, source, splits, plan, state, autoencoder, latent_shape, text,
     if text is not None:
         text_info.update(text.describe())
         text_info["encodings"] = bool(encode_text)
-    return {
+    image_size = (source.size, source.size)
+    if run.buckets is not None:  # the shape of the bucket with the most training samples (ties: the first)
+        train_counts = run.buckets.counts("train")
+        image_size = run.buckets.sizes[train_counts.index(max(train_counts))]
+    latent_shape = autoencoder.latent_shape(image_size)
+    manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "source": cfg.source,
         "settings": cfg.fingerprint(),
-        "image": {"channels": autoencoder.image_channels, "size": [source.size, source.size]},
+        "image": {"channels": autoencoder.image_channels, "size": list(image_size)},
         "latent": {"shape": list(latent_shape), "channels": latent_shape[0], "dtype": "float16", "shift": shift, "scale": scale,
                    "normalisation": "(z - shift) * scale", "shift_scale_from": how, "train_mean": mean, "train_std": std},
         "autoencoder": {"name": autoencoder.name, "spec": autoencoder.spec(), "downsample": autoencoder.downsample},
@@ -370,6 +490,14 @@ def _manifest(cfg, source, splits, plan, state, autoencoder, latent_shape, text,
         "shard_size": cfg.shard_size,
         "seed": cfg.seed,
     }
+    if run.buckets is not None:
+        b = run.buckets
+        manifest["buckets"] = {
+            "names": [bucket_name(s) for s in b.sizes], "sizes": [list(s) for s in b.sizes], "latent_sizes": b.latent_sizes(autoencoder),
+            "counts": {split: b.counts(split) for split in SPLITS}, "target_pixels": b.target_pixels,
+            "small_images": cfg.small_images, "skipped_small": dict(b.skipped),
+        }
+    return manifest
 
 
 def _print_summary(log, out: Path, manifest: dict, summary: dict) -> None:
@@ -386,6 +514,14 @@ def _print_summary(log, out: Path, manifest: dict, summary: dict) -> None:
         log(f"text: {names} -> pooled {text['pooled_dim']}, tokens {text['context_length']} x {text['context_dim']}" + ("" if text["encodings"] else " (not stored: encoded while training)"))
     done = summary["written"]
     log(f"wrote {sum(done.values())} samples, skipped {summary['skipped_finished']} already written, in {summary['seconds']} s -> {out / MANIFEST_NAME}")
+    if "buckets" in manifest:
+        b = manifest["buckets"]
+        log("buckets " + ", ".join(f"{name} ({n})" for name, n in zip(b["names"], b["counts"]["train"])) + " train samples")
+    small = summary.get("small_examples")
+    if small:
+        what = (f"skipped {sum(summary['skipped_small'].values())} images smaller than every bucket" if not summary.get("upscaled_small")
+                else f"upscaled {summary['upscaled_small']} images smaller than every bucket")
+        log(f"{what}, e.g. {', '.join(small)}")
     if summary["no_synthetic_caption"]:
         log(f"note: {summary['no_synthetic_caption']} samples had no synthetic caption; their original caption stands in for it")
 

@@ -9,7 +9,8 @@ KEY.latent.npy      float16 (C, h, w): the autoencoder's latent, NOT normalised
 KEY.caption.txt     the original caption (UTF-8)
 KEY.caption_syn.txt the synthetic caption (UTF-8)
 KEY.json            {"index": position in the split, "size": [H, W], "channels": image channels,
-                    "source": where the image came from, "label": int (optional)}
+                    "source": where the image came from, "label": int (optional),
+                    "bucket": "HxW" (only in a set with aspect-ratio buckets)}
 KEY.tokens.npy      float16 (n_orig + n_syn, D): token states of the real tokens of the original
                     caption, then of the synthetic one                          (only when the
 KEY.mask.npy        bool (2, L): row 0 original, row 1 synthetic; True where     shards hold
@@ -25,6 +26,18 @@ The manifest (``manifest.json`` beside the shards) records everything a training
 before it starts: the splits with their shard files and sample counts, the latent shape and
 channel count, the normalisation (z - shift) * scale, the autoencoder (a spec that rebuilds it,
 for decoding), the image size, and the text encoders with pooled_dim / context_dim / context_length.
+
+A set with aspect-ratio buckets (prepare with buckets; flowmatch.data.buckets) holds latents of several shapes
+and says which in the manifest's "buckets" entry (a manifest without it holds one shape, latent.shape)::
+
+    "buckets": {"names": ["32x32", "24x40", ...], "sizes": [[H, W], ...] (pixels), "latent_sizes": [[h, w], ...],
+                "counts": {"train": [samples per bucket], "val": [...], "test": [...]},
+                "target_pixels": int or null, "small_images": "skip" | "upscale",
+                "skipped_small": {"train": n, "val": n, "test": n}}
+
+in the buckets' configured order. latent.shape and image.size are then those of the bucket with the most
+training samples (ties: the first). val and test samples are sorted by bucket (each bucket's indices are
+consecutive); train shards mix buckets.
 """
 
 from __future__ import annotations
@@ -130,6 +143,12 @@ class SampleSpec:
     def __init__(self, manifest: dict):
         latent = manifest["latent"]
         self.latent_shape = tuple(int(v) for v in latent["shape"])
+        buckets = manifest.get("buckets")
+        #: bucket name -> its latent shape (C, h, w); None for a set of one shape
+        self.bucket_shapes: dict[str, tuple[int, int, int]] | None = None
+        if buckets:
+            c = self.latent_shape[0]
+            self.bucket_shapes = {name: (c, int(h), int(w)) for name, (h, w) in zip(buckets["names"], buckets["latent_sizes"])}
         text = manifest.get("text") or {}
         self.encodings = bool(text.get("encodings"))
         self.context_length = int(text.get("context_length") or 0)
@@ -142,6 +161,17 @@ class SampleSpec:
             keys += [TOKENS, MASK] + ([POOLED] if self.pooled_dim else [])
         return keys
 
+    def _check_bucket(self, where: str, latent: np.ndarray, meta: dict) -> None:
+        """A bucketed set: the latent has the shape of one of the manifest's buckets, the one its json names."""
+        shape = tuple(latent.shape)
+        bucket = meta.get("bucket")
+        if bucket is not None and bucket not in self.bucket_shapes:
+            raise ShardFormatError(f"{where}: bucket {bucket!r} is not one of the manifest's ({', '.join(self.bucket_shapes)})")
+        if bucket is not None and shape != self.bucket_shapes[bucket]:
+            raise ShardFormatError(f"{where}: latent shape {shape} differs from bucket {bucket}'s {self.bucket_shapes[bucket]}")
+        if shape not in self.bucket_shapes.values():
+            raise ShardFormatError(f"{where}: latent shape {shape} is none of the manifest's buckets' ({', '.join(map(str, self.bucket_shapes.values()))})")
+
     def decode(self, raw: dict) -> dict:
         """Raw webdataset sample (bytes per file) -> checked numpy / str fields. Raises ShardFormatError naming shard and key."""
         url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
@@ -150,7 +180,7 @@ class SampleSpec:
         if missing:
             raise ShardFormatError(f"{where}: missing {', '.join(missing)}")
         latent = load_npy(raw[LATENT], f"{where}: {LATENT}")
-        if tuple(latent.shape) != self.latent_shape:
+        if self.bucket_shapes is None and tuple(latent.shape) != self.latent_shape:
             raise ShardFormatError(f"{where}: latent shape {tuple(latent.shape)} differs from the manifest's {self.latent_shape}")
         if not np.isfinite(latent).all():
             raise ShardFormatError(f"{where}: latent holds NaN or infinite values")
@@ -159,6 +189,8 @@ class SampleSpec:
             caption, caption_syn = raw[CAPTION].decode("utf-8"), raw[CAPTION_SYN].decode("utf-8")
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ShardFormatError(f"{where}: unreadable caption or json ({err})") from err
+        if self.bucket_shapes is not None:
+            self._check_bucket(where, latent, meta)
         out = {"key": key, "url": url, "latent": latent, "caption": caption, "caption_syn": caption_syn,
                "index": int(meta.get("index", -1)), "label": meta.get("label"), "meta": meta}
         if self.encodings:
@@ -227,6 +259,31 @@ def validate_manifest(manifest: dict, where: str) -> None:
             raise ShardFormatError(f"{where}: manifest lacks latent.{field}")
     if int(latent["channels"]) != int(latent["shape"][0]):
         raise ShardFormatError(f"{where}: latent.channels {latent['channels']} differs from latent.shape {latent['shape']}")
+    if "buckets" in manifest:
+        _validate_buckets(manifest, where)
+
+
+def _validate_buckets(manifest: dict, where: str) -> None:
+    """The "buckets" entry: names, sizes and latent_sizes of equal length, a count per bucket per split summing to the split's samples."""
+    b = manifest["buckets"]
+    if not isinstance(b, dict):
+        raise ShardFormatError(f"{where}: manifest buckets must be an object, got {type(b).__name__}")
+    for field in ("names", "sizes", "latent_sizes", "counts"):
+        if field not in b:
+            raise ShardFormatError(f"{where}: manifest lacks buckets.{field}")
+    n = len(b["names"])
+    if n == 0 or len(b["sizes"]) != n or len(b["latent_sizes"]) != n:
+        raise ShardFormatError(f"{where}: buckets.names, sizes and latent_sizes must be non-empty lists of one length, "
+                               f"got {n}, {len(b['sizes'])} and {len(b['latent_sizes'])}")
+    for name, size, lsize in zip(b["names"], b["sizes"], b["latent_sizes"]):
+        if len(size) != 2 or len(lsize) != 2 or name != f"{size[0]}x{size[1]}":
+            raise ShardFormatError(f"{where}: bucket {name!r} has size {size} and latent size {lsize}; expected [H, W] each and the name 'HxW'")
+    for split, info in manifest["splits"].items():
+        counts = b["counts"].get(split)
+        if counts is None or len(counts) != n:
+            raise ShardFormatError(f"{where}: buckets.counts.{split} must give {n} counts (one per bucket), got {counts}")
+        if sum(counts) != int(info.get("samples", sum(info.get("counts", [])))):
+            raise ShardFormatError(f"{where}: buckets.counts.{split} sums to {sum(counts)} but the split holds {info.get('samples')} samples")
 
 
 def write_manifest(manifest: dict, directory: str | Path) -> Path:

@@ -8,6 +8,8 @@ label, where the image came from) and loads the images of any slice of it on dem
   synthetic caption from the describer.
 - ``sideways``: the LoRA demo's new concept (flowmatch.data.sideways): every demo digit upright with its
   own captions and turned 90 degrees with captions using a new word ("a sideways 7"), on the demo's split.
+- ``demo_buckets``: the aspect-ratio buckets demo (flowmatch.data.placed_digits): every demo digit on a square,
+  wide or tall canvas, its place in the synthetic caption ("a 3 on the left of a wide picture"); its own buckets.
 - a folder: every .png / .jpg / .jpeg / .bmp / .webp below it (sorted); the caption is in a
   sidecar ``NAME.txt`` (else the file name, underscores as spaces), the synthetic caption in
   ``NAME.syn.txt`` (else the original caption is used for both: the sample then takes no part in mixing).
@@ -15,7 +17,9 @@ label, where the image came from) and loads the images of any slice of it on dem
   "synthetic_caption": str (optional), "label": int (optional)}``.
 
 Images are centre-cropped to a square and resized (bicubic) to ``size``; splits come from a fixed
-permutation (``seed``) so a re-run assigns every image to the same split.
+permutation (``seed``) so a re-run assigns every image to the same split. For aspect-ratio buckets
+(flowmatch.data.buckets) prepare asks instead for each image's native size (:meth:`Source.image_size`) and
+the images themselves uncropped (:meth:`Source.load_native`), and fits each to its bucket itself.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flowmatch.data import placed_digits
+from flowmatch.data.buckets import Bucket, fit_to_bucket
 from flowmatch.data.digits import describe_digits, load_digit_images, original_caption, split_indices
 from flowmatch.data.sideways import ROTATED_TAG, describe_sideways, rotate_ccw, sideways_caption
 
@@ -52,9 +58,19 @@ class Source:
     channels: int
     size: int
     records: list[Record]
+    #: the buckets prepare uses unless told others (None: one square size, ``size``)
+    buckets: list[Bucket] | None = None
 
     def load_images(self, records: list[Record]) -> np.ndarray:
         raise NotImplementedError
+
+    def image_size(self, record: Record) -> tuple[int, int]:
+        """(H, W) of the record's image as :meth:`load_native` gives it (decides its bucket before any image is loaded)."""
+        return (self.size, self.size)
+
+    def load_native(self, records: list[Record]) -> list[np.ndarray]:
+        """The records' images, each float32 (C, H, W) in [-1, 1] of its own size, aspect ratio kept (for bucketing)."""
+        return list(self.load_images(records))
 
     def splits(self, seed: int, val_fraction: float, test_fraction: float, limit: int | None) -> dict[str, list[Record]]:
         records = self.records
@@ -125,17 +141,49 @@ class SidewaysDigits(Source):
         return np.stack(out)
 
 
-def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """One image file -> float32 (channels, size, size) in [-1, 1] (centre crop to a square, bicubic resize)."""
+class PlacedDigits(Source):
+    """The demo digits each on a square, wide or tall canvas of its own size (flowmatch.data.placed_digits), one record
+    per digit in the demo's order (so on the demo's split); the placement is drawn per digit with ``placement_seed``."""
+
+    name = placed_digits.NAME
+    buckets = placed_digits.DEFAULT_BUCKETS
+
+    def __init__(self, size: int = 32, placement_seed: int = 0):
+        self.size, self.channels = size, 1
+        canvases, labels, placements = placed_digits.placed_digit_canvases(placement_seed)
+        templates = np.random.default_rng(placement_seed + 1).integers(0, len(placed_digits.TEMPLATES), len(labels))
+        self.records, self._canvases = [], {}
+        for i, (placement, label, canvas, t) in enumerate(zip(placements, labels, canvases, templates)):
+            key = f"sklearn-digits:{i}:{placement}"
+            self._canvases[key] = canvas
+            self.records.append(Record(original_caption(int(label)), placed_digits.placed_caption(int(label), placement, int(t)), key, int(label)))
+
+    def image_size(self, record: Record) -> tuple[int, int]:
+        return self._canvases[record.source].shape[1:]
+
+    def load_native(self, records: list[Record]) -> list[np.ndarray]:
+        return [self._canvases[r.source] for r in records]
+
+    def load_images(self, records: list[Record]) -> np.ndarray:
+        """Square images of ``size`` (each canvas fitted as a bucket of size x size would be)."""
+        if not records:
+            return np.zeros((0, 1, self.size, self.size), np.float32)
+        return np.stack([fit_to_bucket(im, (self.size, self.size)) for im in self.load_native(records)])
+
+
+def load_image(path: Path, size: int | None, channels: int) -> np.ndarray:
+    """One image file -> float32 (channels, size, size) in [-1, 1] (centre crop to a square, bicubic resize);
+    ``size`` None: the image as it is, (channels, H, W)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img = img.convert("L" if channels == 1 else "RGB")
-            w, h = img.size
-            s = min(w, h)
-            img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            img = img.resize((size, size), Image.BICUBIC)
+            if size is not None:
+                w, h = img.size
+                s = min(w, h)
+                img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                img = img.resize((size, size), Image.BICUBIC)
             arr = np.asarray(img, dtype=np.float32)
     except (OSError, UnidentifiedImageError) as err:
         raise SourceError(f"cannot read image {path}: {err}") from err
@@ -148,6 +196,20 @@ class _FileSource(Source):
         if not records:
             return np.zeros((0, self.channels, self.size, self.size), np.float32)
         return np.stack([load_image(Path(r.source), self.size, self.channels) for r in records])
+
+    def image_size(self, record: Record) -> tuple[int, int]:
+        """Read from the file's header only."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(record.source) as img:
+                w, h = img.size
+        except (OSError, UnidentifiedImageError) as err:
+            raise SourceError(f"cannot read image {record.source}: {err}") from err
+        return (h, w)
+
+    def load_native(self, records: list[Record]) -> list[np.ndarray]:
+        return [load_image(Path(r.source), None, self.channels) for r in records]
 
 
 class ImageFolder(_FileSource):
@@ -200,11 +262,11 @@ class JsonlSource(_FileSource):
 
 
 #: the sources built into flowmatch, named by a word rather than a path
-BUILT_IN_SOURCES = ("demo", "sideways")
+BUILT_IN_SOURCES = ("demo", "sideways", placed_digits.NAME)
 
 
 def open_source(source: str, size: int | None = None, channels: int | None = None) -> Source:
-    """``demo``, ``sideways``, a folder of images, or a .jsonl file (see the module docstring)."""
+    """``demo``, ``sideways``, ``demo_buckets``, a folder of images, or a .jsonl file (see the module docstring)."""
     if source == "demo":
         if channels not in (None, 1):
             raise SourceError("the demo digits have 1 channel (--channels 1)")
@@ -213,11 +275,15 @@ def open_source(source: str, size: int | None = None, channels: int | None = Non
         if channels not in (None, 1):
             raise SourceError("the sideways demo digits have 1 channel (--channels 1)")
         return SidewaysDigits(size or 32)
+    if source == placed_digits.NAME:
+        if channels not in (None, 1):
+            raise SourceError(f"the {placed_digits.NAME} digits have 1 channel (--channels 1)")
+        return PlacedDigits(size or 32)
     path = Path(source)
     if path.is_dir():
         return ImageFolder(path, size or 256, channels or 3)
     if path.suffix == ".jsonl":
         return JsonlSource(path, size or 256, channels or 3)
     if not path.exists():
-        raise SourceError(f"source {source!r}: not 'demo' or 'sideways' and no such file or folder")
-    raise SourceError(f"source {source!r}: expected 'demo', 'sideways', a folder of images or a .jsonl file")
+        raise SourceError(f"source {source!r}: not one of {', '.join(BUILT_IN_SOURCES)} and no such file or folder")
+    raise SourceError(f"source {source!r}: expected {', '.join(BUILT_IN_SOURCES)}, a folder of images or a .jsonl file")
