@@ -19,6 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
+from flowmatch.checkpoints import read_checkpoint
 from flowmatch.cli.main import main as flowmatch_main
 from flowmatch.networks.dit import DiT
 from flowmatch.objectives import RectifiedFlow
@@ -119,6 +120,19 @@ def test_the_loaded_rule_is_the_trained_one_and_generate_takes_a_shape(ckpts):
     assert x.shape == (2, 16, 8, 16)
     same, _ = model.generate(2)  # no shape: the training shape, the same draws as before
     torch.testing.assert_close(same, model.generate(2, shape=(16, 8, 8))[0], rtol=0, atol=0)
+
+
+def test_without_a_data_record_latent_size_works_and_pixels_say_what_is_missing(ckpts, tmp_path, capsys):
+    """A checkpoint that records no data (older, or imported) generates latents: its factor is unknown."""
+    state = read_checkpoint(ckpts["sd3"])
+    del state["flowmatch"]["data"]
+    torch.save(state, tmp_path / "old.ckpt")
+    assert sample(tmp_path / "old.ckpt", tmp_path / "wide", *FAST, "--latent_size", 8, 16) == 0, capsys.readouterr().err
+    info = _info(tmp_path / "wide")
+    assert info["shape"] == [2, 16, 8, 16] and info["shift"] == pytest.approx(math.sqrt(2))
+    assert sample(tmp_path / "old.ckpt", tmp_path / "no", *FAST, "--height", 32, "--width", 64) == 2
+    err = capsys.readouterr().err
+    assert "records no autoencoder" in err and "--latent_size h w" in err and not (tmp_path / "no").exists()
 
 
 # ---------------------------------------------------------------------------------------------

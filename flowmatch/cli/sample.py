@@ -199,11 +199,11 @@ def check_size(net, shape: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{what}: {err}") from None
 
 
-def sample_size(args, model, record: dict | None, decoder=None) -> tuple[tuple[int, ...], str | None]:
-    """(one sample's shape, a description of the size asked for, or None for the training size)."""
+def sample_size(args, model, record: dict | None, decoder=None) -> tuple[int, ...]:
+    """One sample's shape: the training one, or (C, h, w) of --height/--width or --latent_size, checked against the network."""
     shape = tuple(model.sample_shape or ())
     if args.height is None and args.latent_size is None:
-        return shape, None
+        return shape
     if len(shape) != 3:
         raise ValueError(f"--height/--width and --latent_size need a model of images or latents (C, H, W); {args.ckpt} "
                          f"generates samples of shape {shape}")
@@ -224,7 +224,7 @@ def sample_size(args, model, record: dict | None, decoder=None) -> tuple[tuple[i
         what += f" (latent {h}x{w})"
     shape = (shape[0], h, w)
     check_size(model.net, shape, what)
-    return shape, what
+    return shape
 
 
 def grid_shift(args, model, shape: tuple[int, ...]) -> tuple[float, str]:
@@ -313,14 +313,14 @@ def plan(args) -> Plan:
         if text_model:
             raise ValueError(f"{args.ckpt}: the model is text-conditioned but records no data (text encoders, autoencoder): "
                              "give --prompts and --data_dir DIR (or --manifest FILE) of the shards it was trained on")
-        shape, _ = sample_size(args, model, None)
+        shape = sample_size(args, model, None)
         shift, shift_source = grid_shift(args, model, shape)
         num = args.num or DEFAULT_NUM["arrays"]
         return Plan("arrays", model, dataclasses.replace(config, shift=shift), num, args.batch_size or DEFAULT_BATCH["arrays"],
                     shape, shift_source, cond=_conditions(model, args.labels, num))
 
     decoder = facts.load_autoencoder(args.device)
-    shape, _ = sample_size(args, model, facts.record(), decoder)
+    shape = sample_size(args, model, facts.record(), decoder)
     shift, shift_source = grid_shift(args, model, shape)
     num = args.num or DEFAULT_NUM["prompts" if prompts is not None else "images"]
     p = Plan("images", model, dataclasses.replace(config, shift=shift), num, args.batch_size or DEFAULT_BATCH["images"], shape,
