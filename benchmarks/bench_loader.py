@@ -10,6 +10,10 @@ and the ratio loader / model (goal: >= 10x). Run from the repository root:
 
     python benchmarks/bench_loader.py                      # writes data/demo first if it is missing
     python benchmarks/bench_loader.py --data data/demo --workers 0 1 2 --steps 40 --depth 4 --precision bf16
+    python benchmarks/bench_loader.py --data data/demo_buckets --source demo_buckets   # aspect-ratio buckets
+
+With buckets the loader keeps one buffer per latent shape and every batch holds one shape; the memory and
+model rows then use the batches of the most frequent shape.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def stream_rate(dm, steps: int, workers: int) -> float:
 
 
 def memory_rate(batches: list[dict], batch_size: int, repeats: int = 5) -> float:
+    shape = batches[0]["x0"].shape[1:]
+    batches = [b for b in batches if b["x0"].shape[1:] == shape]  # one shape (a bucketed set: the first batch's)
     x0 = torch.cat([b["x0"] for b in batches])
     cond = [torch.cat([b["cond"][k] for b in batches]) for k in ("pooled", "tokens", "mask")]
     loader = DataLoader(TensorDataset(x0, *cond), batch_size=batch_size, shuffle=True)
@@ -52,7 +58,7 @@ def model_rate(dm, batches: list[dict], depth: int, hidden: int | None, steps: i
 
     torch.manual_seed(0)
     net = MMDiT(depth=depth, hidden_size=hidden, in_channels=dm.num_channels, pooled_dim=dm.pooled_dim, context_dim=dm.context_dim,
-                qk_norm=True, pos_embed_max_size=8)
+                qk_norm=True, pos_embed_max_size=16)
     model = RectifiedFlow(net, sample_shape=dm.sample_shape)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
@@ -78,6 +84,7 @@ def model_rate(dm, batches: list[dict], depth: int, hidden: int | None, steps: i
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/demo", help="shard folder (prepared from the demo if it has no manifest)")
+    p.add_argument("--source", default="demo", help="what prepare writes into --data when it has no manifest (demo, demo_buckets)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--steps", type=int, default=40, help="batches per loader measurement")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to measure")
@@ -94,7 +101,7 @@ def main() -> None:
 
     from flowmatch.data.shards import LatentShardDataModule
 
-    dm = LatentShardDataModule(data_dir=args.data, prepare_source="demo", batch_size=args.batch_size, num_workers=0)
+    dm = LatentShardDataModule(data_dir=args.data, prepare_source=args.source, batch_size=args.batch_size, num_workers=0)
     dm.prepare_data()  # writes the demo shards on first use
     loader = dm.dataloader("train", rank=0, world_size=1, num_workers=0)
     loader.steps = 10
@@ -112,7 +119,8 @@ def main() -> None:
     rows = [(name, best[name]) for name in names] + [(model_name, rate)]
 
     c, h, w = dm.sample_shape
-    print(f"\nbatch {args.batch_size}, latents {c}x{h}x{w}, text {dm.context_length} x {dm.context_dim} tokens + pooled {dm.pooled_dim}; "
+    shapes = ", ".join(f"{b['name']} ({c}x{b['latent_size'][0]}x{b['latent_size'][1]})" for b in dm.facts.buckets) or f"{c}x{h}x{w}"
+    print(f"\nbatch {args.batch_size}, latents {shapes}, text {dm.context_length} x {dm.context_dim} tokens + pooled {dm.pooled_dim}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores\n")
     width = max(len(r[0]) for r in rows)
     print(f"| {'what':<{width}} | samples/s | x model |")
