@@ -341,9 +341,10 @@ class TrainLoader:
             self._it = iter(self.loader)
         for _ in range(self.steps):
             batch = next(self._it)
-            worker, pass_index, index = (int(batch.pop(k)) for k in ("_worker", "_pass", "_index"))
-            self.last_position = (worker, pass_index, index)
-            self._recent.append((self.yielded, worker, pass_index, index))
+            if "_worker" in batch:  # a ShardStream's batch; other streams (reflow's couplings) carry no position
+                worker, pass_index, index = (int(batch.pop(k)) for k in ("_worker", "_pass", "_index"))
+                self.last_position = (worker, pass_index, index)
+                self._recent.append((self.yielded, worker, pass_index, index))
             self.yielded += 1
             while len(self._recent) > 8 + 2 * self.num_slots:  # old enough to be consumed for sure
                 _, w, p, i = self._recent.popleft()
