@@ -4,6 +4,8 @@
   training sample exactly once, in the manifest's per-bucket counts;
 * a loader resumed from a mid-pass position (what a checkpoint keeps) yields exactly the batches the
   uninterrupted loader yields next;
+* with ``bucket_repeats`` each sample of a bucket is used that many times a pass (0: never), its caption drawn
+  afresh for each use, and the epoch length follows; a repeat naming an unknown bucket is refused by name;
 * validation batches are single-shape, follow the manifest's plan, read every sample once and give both ranks
   the same batch count;
 * a fit with a checkpoint mid-pass, resumed, ends at the same weights as the uninterrupted fit (CLI, 2 workers).
@@ -109,6 +111,34 @@ def test_resume_mid_pass_continues_with_the_same_batches(buckets):
             if K + i == END:
                 break
         loader.close()
+
+
+def test_bucket_repeats_set_the_proportions(buckets):
+    repeats = {"24x40": 3, "40x24": 0}
+    dm = LatentShardDataModule(data_dir=str(buckets), batch_size=8, num_workers=2, shuffle_buffer=32, resampled=False,
+                               bucket_repeats=repeats)
+    manifest = dm.manifest
+    names, counts = manifest["buckets"]["names"], manifest["buckets"]["counts"]["train"]
+    uses, per_bucket, synthetic = Counter(), Counter(), {}
+    for rank in (0, 1):
+        batches, where = _first_pass(dm, rank, 2)
+        for batch, (_, pass_index, _) in zip(batches, where):
+            assert len({tuple(x.shape) for x in batch["x0"]}) == 1
+            if pass_index == 0:
+                uses.update(batch["key"])
+                per_bucket[batch["bucket"]] += len(batch["key"])
+                for key, syn in zip(batch["key"], batch["synthetic"].tolist()):
+                    synthetic.setdefault(key, set()).add(syn)
+    want = {name: c * repeats.get(name, 1) for name, c in zip(names, counts)}
+    assert dict(per_bucket) == {k: v for k, v in want.items() if v}  # count x repeats a bucket, none of "40x24"
+    assert set(Counter(uses.values())) == {1, 3}  # each sample once (32x32) or three times (24x40)
+    assert any(len(s) == 2 for s in synthetic.values())  # a repeated sample's caption is drawn per use
+    loader = dm.dataloader("train", rank=0, world_size=2)
+    assert len(loader) == -(-sum(want.values()) // 16)  # the epoch: one pass of count x repeats over 2 ranks x 8
+    with pytest.raises(ValueError, match=r"unknown bucket\(s\) 48x48; the buckets are: 32x32, 24x40, 40x24"):
+        LatentShardDataModule(data_dir=str(buckets), bucket_repeats={"48x48": 2}).setup("fit")
+    with pytest.raises(ValueError, match=r"bucket_repeats\['24x40'\] must be a whole number >= 0, got -1"):
+        LatentShardDataModule(data_dir=str(buckets), bucket_repeats={"24x40": -1})
 
 
 def test_validation_batches_follow_the_bucket_plan_on_two_ranks(buckets):

@@ -152,7 +152,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], spec: SampleSpec, shift: float, scale: float, mode: str, rank: int, world_size: int,
                  seed: int, synthetic_prob: float, use_encodings: bool, shuffle_buffer: int = 1000, batch_size: int = 1,
-                 resampled: bool = True, bucket_names: dict[tuple[int, int], str] | None = None):
+                 resampled: bool = True, bucket_names: dict[tuple[int, int], str] | None = None,
+                 bucket_repeats: dict[str, int] | None = None):
         super().__init__()
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -161,6 +162,7 @@ class ShardStream(IterableDataset):
         self.synthetic_prob, self.use_encodings = synthetic_prob, use_encodings
         self.shuffle_buffer, self.batch_size, self.resampled = shuffle_buffer, batch_size, resampled
         self.bucket_names = dict(bucket_names or {})  # latent (h, w) -> bucket name, for sets with buckets
+        self.bucket_repeats = dict(bucket_repeats or {})  # bucket name -> uses of each of its samples a training pass
         self.start: dict[int, tuple[int, int]] = {}  # worker -> (pass, batch index) to continue with
         self.worker_offset = 0
         if use_encodings and not spec.encodings:
@@ -188,8 +190,9 @@ class ShardStream(IterableDataset):
         return mine
 
     # ---- samples ----
-    def _item(self, s: dict, mix_epoch: int, log: SkipLog) -> dict:
-        synthetic = use_synthetic(self.synthetic_prob, self.seed, mix_epoch, s["key"])
+    def _item(self, s: dict, mix_epoch: int, log: SkipLog, repeat: int = 0) -> dict:
+        # a repeated sample draws its caption afresh for each use (its key with the repeat number)
+        synthetic = use_synthetic(self.synthetic_prob, self.seed, mix_epoch, s["key"] if repeat == 0 else f"{s['key']}#{repeat}")
         # numpy, then one from_numpy each: per-sample torch ops cost far more than the arithmetic here
         x0 = (s["latent"].astype(np.float32) - np.float32(self.shift)) * np.float32(self.scale)
         item = {"x0": torch.from_numpy(x0), "caption": s["caption_syn"] if synthetic else s["caption"], "synthetic": synthetic,
@@ -201,7 +204,8 @@ class ShardStream(IterableDataset):
             full = np.zeros((self.spec.context_length, self.spec.context_dim), np.float32)
             full[mask] = tokens
             item.update(tokens=torch.from_numpy(full), mask=torch.from_numpy(mask.copy()), pooled=torch.from_numpy(pooled.astype(np.float32)))
-        log.good()
+        if repeat == 0:
+            log.good()
         # eval items carry the counts since the previous item; train batches take them when they leave the worker
         item["_read"], item["_skipped"], item["_shard_errors"] = log.drain() if self.mode == "eval" else (0, 0, 0)
         return item
@@ -226,7 +230,14 @@ class ShardStream(IterableDataset):
             except ShardFormatError as err:
                 log.sample(err)
                 continue
-            yield self._item(s, mix_epoch, log)
+            repeats = 1
+            if self.mode == "train" and self.bucket_repeats:
+                repeats = self.bucket_repeats.get(self.bucket_names[tuple(s["latent"].shape[1:])], 1)
+                if repeats == 0:  # a bucket left out of training: read and counted, not used
+                    log.good()
+                    continue
+            for repeat in range(repeats):
+                yield self._item(s, mix_epoch, log, repeat)
 
     def _pass(self, worker: int, num_workers: int, pass_index: int, log: SkipLog):
         """The batches of one training pass: every sample of the pass's shards exactly once, one shape a batch.
@@ -435,6 +446,15 @@ def plan_bucket_batches(counts: dict[str, int], batch_size: int, num_batches: in
     return sizes
 
 
+def _check_repeats(repeats: dict[str, int] | None) -> dict[str, int]:
+    out = {}
+    for name, k in (repeats or {}).items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"bucket_repeats[{name!r}] must be a whole number >= 0, got {k!r}")
+        out[str(name)] = k
+    return out
+
+
 def _pin(obj):
     if isinstance(obj, torch.Tensor):
         return obj.pin_memory()
@@ -472,6 +492,7 @@ class LatentShardDataModule(lightning.LightningDataModule):
         shuffle_buffer: int = 1000,
         steps_per_epoch: int | None = None,
         resampled: bool = True,
+        bucket_repeats: dict[str, int] | None = None,
         synthetic_caption_prob: float = 0.5,
         seed: int = 0,
         text_encoders: list[str] | None = None,
@@ -497,6 +518,9 @@ class LatentShardDataModule(lightning.LightningDataModule):
             resampled: every pass reshuffles the whole shard list and gives each rank x worker a chunk of it
                 (any number of shards feeds any number of ranks x workers; recommended for multi-node runs); False: each
                 rank and worker reads only its own share (shards[rank::world][worker::workers]), needing shards >= slots.
+            bucket_repeats: how often each sample of a bucket is used a training pass, by bucket name
+                ({"24x40": 2, "40x24": 0}; kohya's repeats): the buckets then appear in proportion to count x repeats
+                instead of their counts alone; 0 leaves a bucket out of training; unnamed buckets keep 1.
             synthetic_caption_prob: probability that a sample takes its synthetic caption (SD3: 0.5).
             seed: seed of shard resampling, shuffling and caption mixing (reproducible whatever the workers).
             text_encoders: encode captions on the fly with these (local directories or "minilm"), whether or not
@@ -518,6 +542,7 @@ class LatentShardDataModule(lightning.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.steps_per_epoch = num_workers, shuffle_buffer, steps_per_epoch
         self.resampled, self.synthetic_prob, self.seed = resampled, synthetic_caption_prob, seed
+        self.bucket_repeats = _check_repeats(bucket_repeats)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.health = DataHealth(max_bad_fraction, bad_check_after)
         self.manifest_location = self._locate_manifest(shards, data_dir, manifest)
@@ -640,6 +665,8 @@ class LatentShardDataModule(lightning.LightningDataModule):
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", SPLITS)
         for split in splits:
             self._check_local_shards(split)
+        if "train" in splits:
+            self._train_uses()  # bucket_repeats naming a bucket the data does not have fails here, before any step
         if self.facts.encodes_on_the_fly:
             self.facts.text_encoders  # noqa: B018 - load them now: a bad encoder path fails before the first step
 
@@ -670,14 +697,14 @@ class LatentShardDataModule(lightning.LightningDataModule):
         common = dict(spec=self.spec, shift=facts.shift, scale=facts.scale, rank=rank, world_size=world_size, seed=self.seed,
                       synthetic_prob=self.synthetic_prob, use_encodings=facts.stores_encodings, bucket_names=names)
         if split == "train":
-            n = self.num_samples("train")
+            n = self._train_uses()
             steps = self.steps_per_epoch
             if steps is None:
                 if n is None:
                     raise ShardFormatError("the training shards are not in the manifest: give steps_per_epoch")
                 steps = max(1, math.ceil(n / (self.batch_size * world_size)))
             stream = ShardStream(urls, mode="train", shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size,
-                                 resampled=self.resampled, **common)
+                                 resampled=self.resampled, bucket_repeats=self.bucket_repeats, **common)
             loader = TrainLoader(stream, steps, workers, self.pin_memory)
             self._resume_train(loader, rank, world_size)
             self._train_loader = loader
@@ -685,6 +712,26 @@ class LatentShardDataModule(lightning.LightningDataModule):
         stream = ShardStream(urls, mode="eval", **common)
         sizes = self._eval_plan(split, rank, world_size)
         return EvalLoader(stream, self.val_batch_size, sizes, workers, self.pin_memory)
+
+    def _train_uses(self) -> int | None:
+        """Samples one training pass uses: the train split's count, or with ``bucket_repeats`` the sum of count x repeats."""
+        n = self.num_samples("train")
+        if not self.bucket_repeats:
+            return n
+        buckets = self.manifest.get("buckets")
+        if not buckets:
+            raise ValueError(f"bucket_repeats is set but {self.manifest_location} has no aspect-ratio buckets")
+        names = list(buckets["names"])
+        unknown = sorted(set(self.bucket_repeats) - set(names))
+        if unknown:
+            raise ValueError(f"bucket_repeats names unknown bucket(s) {', '.join(unknown)}; the buckets are: {', '.join(names)}")
+        counts = [int(c) for c in buckets["counts"].get("train", [])]
+        uses = sum(c * self.bucket_repeats.get(name, 1) for name, c in zip(names, counts))
+        if counts and uses == 0:
+            raise ValueError(f"bucket_repeats {self.bucket_repeats} leaves no training sample")
+        if n is None or not counts:
+            return n
+        return max(1, round(n * uses / sum(counts)))  # the manifest's mix, scaled to the shards given (a subset reads alike)
 
     def _eval_plan(self, split: str, rank: int, world_size: int) -> list[int] | dict[str, list[int]] | None:
         """Batch sizes for this rank: its share of the split (index % world == rank), in the same number of batches on every rank."""
