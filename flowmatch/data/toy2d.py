@@ -33,6 +33,7 @@ from sklearn.datasets import make_moons, make_swiss_roll
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from flowmatch.networks.conditioning import ConditioningSpec
+from flowmatch.lightning_compat import training_position
 
 # A sampler maps (n, rng) to (points float (n, 2), integer labels (n,)) as numpy arrays.
 Sampler = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
@@ -217,8 +218,8 @@ class ResumableDataPosition:
         trainer = self.trainer
         if trainer is None:
             return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": int(trainer.fit_loop.epoch_progress.current.completed), "batches": int(progress.processed)}
+        epoch, batches = training_position(trainer)
+        return {"epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         if "epoch" in state_dict:

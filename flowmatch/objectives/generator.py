@@ -34,6 +34,7 @@ from flowmatch.sampling import SamplerConfig, guided_velocity, sample
 from flowmatch.sampling.guidance import embeds_guidance
 from flowmatch.training.checkpoint_checks import check_checkpoint_fits
 from flowmatch.training.checkpoint_record import data_info_of_run, read_record, write_record
+from flowmatch.training.finished_run import FinishedRunCheckpoint
 from flowmatch.training.resume_rng import ResumeRNG
 
 
@@ -284,7 +285,7 @@ class FlowGenerator(L.LightningModule):
 
     # --- exact resume, what checkpoints remember, and the check that one fits ---------------------------------
     def configure_callbacks(self):
-        return [ResumeRNG()]
+        return [ResumeRNG(), FinishedRunCheckpoint()]
 
     def on_fit_start(self) -> None:
         if self.fine_tuning.active:
