@@ -12,8 +12,8 @@ and the ratio loader / model (goal: >= 10x). Run from the repository root:
     python benchmarks/bench_loader.py --data data/demo --workers 0 1 2 --steps 40 --depth 4 --precision bf16
     python benchmarks/bench_loader.py --data data/demo_buckets --source demo_buckets   # aspect-ratio buckets
 
-With buckets the loader keeps one buffer per latent shape and every batch holds one shape; the memory and
-model rows then use the batches of the most frequent shape.
+With buckets the loader keeps one buffer per latent shape and every batch holds one shape; the memory row then
+serves the batches of the first batch's shape, the model row trains on every shape in turn.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def model_rate(dm, batches: list[dict], depth: int, hidden: int | None, steps: i
     from flowmatch.objectives.rectified_flow import RectifiedFlow
 
     torch.manual_seed(0)
-    net = MMDiT(depth=depth, hidden_size=hidden, in_channels=dm.num_channels, pooled_dim=dm.pooled_dim, context_dim=dm.context_dim,
+    net = MMDiT(depth=depth, hidden_size=hidden, in_channels=dm.facts.num_channels, pooled_dim=dm.facts.pooled_dim, context_dim=dm.facts.context_dim,
                 qk_norm=True, pos_embed_max_size=16)
     model = RectifiedFlow(net, sample_shape=dm.sample_shape)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -120,7 +120,7 @@ def main() -> None:
 
     c, h, w = dm.sample_shape
     shapes = ", ".join(f"{b['name']} ({c}x{b['latent_size'][0]}x{b['latent_size'][1]})" for b in dm.facts.buckets) or f"{c}x{h}x{w}"
-    print(f"\nbatch {args.batch_size}, latents {shapes}, text {dm.context_length} x {dm.context_dim} tokens + pooled {dm.pooled_dim}; "
+    print(f"\nbatch {args.batch_size}, latents {shapes}, text {dm.facts.context_length} x {dm.facts.context_dim} tokens + pooled {dm.facts.pooled_dim}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores\n")
     width = max(len(r[0]) for r in rows)
     print(f"| {'what':<{width}} | samples/s | x model |")

@@ -232,3 +232,16 @@ def test_test_reports_every_bucket_and_the_judge_reads_real_pictures(buckets, tm
     print(out.stdout[out.stdout.index("test: sample quality"):][:1200])
     assert float(real.group(1)) >= 75.0  # chance is ~10% (digit) x ~50% (place)
     assert all(re.search(rf"^\s+{name}\s", out.stdout, re.M) for name in names)
+
+
+def test_the_loader_benchmark_runs_on_bucketed_shards(buckets):
+    """benchmarks/bench_loader.py as a user runs it (a few batches): the table with the loader / model ratio."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_loader.py"), "--data", str(buckets), "--workers", "0",
+                          "--steps", "3", "--model_steps", "1", "--repeats", "1", "--depth", "1", "--threads", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "latents 32x32 (16x8x8), 24x40 (16x6x10), 40x24 (16x10x6)" in out.stdout, out.stdout
+    assert "| streaming loader, 0 workers" in out.stdout and "slowest streaming loader / model = " in out.stdout
