@@ -11,7 +11,7 @@ flowmatch.callbacks.EMA); ``select_weights`` swaps it in. A DeepSpeed ZeRO check
 - safe_loading: torch.load with weights_only, also where DeepSpeed asks for less
 - deepspeed_dirs: DeepSpeed checkpoint directories and their consolidation into one file
 - reading: read_checkpoint / read_client_state / read_weights
-- writing: atomic_torch_save, AtomicCheckpointIO (Lightning's checkpoint IO, atomic)
+- writing: atomic_torch_save, AtomicCheckpointIO (Lightning's checkpoint IO, atomic), probe_writable
 - weights: select_weights (raw or EMA)
 - rng: every rank's RNG state, captured and restored
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from flowmatch.atomic_io import atomic_write
+from flowmatch.checkpoints.errors import CheckpointError
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -23,6 +25,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (torch.save reports a failed write as a RuntimeError raised while handling it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's TorchCheckpointIO, but a local checkpoint is written beside its final name and renamed.
 
@@ -33,9 +46,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
-        atomic_torch_save(checkpoint, path)
+        try:
+            atomic_torch_save(checkpoint, path)
+        except (OSError, RuntimeError) as err:  # a full disk, a directory gone read-only: say where, and that nothing was lost
+            cause = _os_error_in(err)
+            if cause is None:
+                raise
+            raise CheckpointError(f"could not write the checkpoint {path}: {cause.strerror or cause}; the training stopped, "
+                                  f"the previous checkpoint under that name (if any) is intact") from err
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         # safe unpickling unless the caller asks otherwise
         kwargs = {} if map_location is None else {"map_location": map_location}
         return super().load_checkpoint(path, weights_only=True if weights_only is None else weights_only, **kwargs)
+
+
+def probe_writable(directory: str | Path) -> None:
+    """Create ``directory`` if needed and write and remove a probe file in it: a run whose checkpoints could
+    not be written is refused before its first step (CheckpointError naming the directory), not at its first save."""
+    directory = Path(directory)
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"flowmatch")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoints to {directory}: {err.strerror or err} "
+                              f"(choose another --trainer.default_root_dir or --checkpoint.dirpath)") from err

@@ -36,6 +36,7 @@ from flowmatch.training.checkpoint_checks import check_checkpoint_fits
 from flowmatch.training.checkpoint_record import data_info_of_run, read_record, write_record
 from flowmatch.training.finished_run import FinishedRunCheckpoint
 from flowmatch.training.resume_rng import ResumeRNG
+from flowmatch.training.writable_checkpoints import WritableCheckpoints
 
 
 def unpack_batch(batch) -> tuple[torch.Tensor, Any]:
@@ -285,7 +286,7 @@ class FlowGenerator(L.LightningModule):
 
     # --- exact resume, what checkpoints remember, and the check that one fits ---------------------------------
     def configure_callbacks(self):
-        return [ResumeRNG(), FinishedRunCheckpoint()]
+        return [ResumeRNG(), FinishedRunCheckpoint(), WritableCheckpoints()]
 
     def on_fit_start(self) -> None:
         if self.fine_tuning.active:
