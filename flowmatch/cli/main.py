@@ -84,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
                 AdapterError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except RuntimeError as err:  # a distributed run that lost a process: say so, not gloo's traceback
+            from flowmatch.training.lost_peer import lost_peer_message
+
+            message = lost_peer_message(err)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            return 1
         return 0
     print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

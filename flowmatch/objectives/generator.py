@@ -35,6 +35,7 @@ from flowmatch.sampling.guidance import embeds_guidance
 from flowmatch.training.checkpoint_checks import check_checkpoint_fits
 from flowmatch.training.checkpoint_record import data_info_of_run, read_record, write_record
 from flowmatch.training.finished_run import FinishedRunCheckpoint
+from flowmatch.training.lost_peer import LostPeerReport
 from flowmatch.training.resume_rng import ResumeRNG
 from flowmatch.training.writable_checkpoints import WritableCheckpoints
 
@@ -286,7 +287,7 @@ class FlowGenerator(L.LightningModule):
 
     # --- exact resume, what checkpoints remember, and the check that one fits ---------------------------------
     def configure_callbacks(self):
-        return [ResumeRNG(), FinishedRunCheckpoint(), WritableCheckpoints()]
+        return [ResumeRNG(), FinishedRunCheckpoint(), WritableCheckpoints(), LostPeerReport()]
 
     def on_fit_start(self) -> None:
         if self.fine_tuning.active:
