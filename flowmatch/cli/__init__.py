@@ -18,6 +18,7 @@ The platform's own commands, one module each:
     export-lora         a LoRA run's adapter -> a diffusers LoRA file, or merged full weights (export_lora.py)
     convert-checkpoint  a DeepSpeed ZeRO checkpoint directory -> one checkpoint file (convert_checkpoint.py)
     compare             an HTML report comparing MLflow runs (compare.py)
+    sync-metrics        send metrics kept while the tracking server was away to their MLflow run (sync_metrics.py)
     study               a whole study (variants x seeds) and its write-up in docs/results.md (study.py)
 
 `python -m flowmatch --help` lists them; `python -m flowmatch COMMAND --help` explains one.

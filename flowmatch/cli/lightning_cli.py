@@ -199,6 +199,7 @@ class FlowCLI(LightningCLI):
         callbacks = self._platform_callbacks(trainer_config, configured, checkpoint)
         trainer = super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})  # adds final_model and the config saver
         self._harden_checkpoint_io(trainer)
+        self._resilient_tracking(trainer)
         for cb in trainer.callbacks:
             if isinstance(cb, MLflowSaveConfig) and getattr(self, "_resumed_from", None) and not self._resumed_from.get("new_run"):
                 cb.resumed_from = self._resumed_from
@@ -226,6 +227,17 @@ class FlowCLI(LightningCLI):
         if missing(DataHealthLogger):
             out.append(DataHealthLogger())
         return out
+
+    @staticmethod
+    def _resilient_tracking(trainer) -> None:
+        """Training goes on when an http(s) tracking server goes away mid-run (flowmatch.tracking.resilient)."""
+        from lightning.pytorch.utilities import rank_zero_only
+
+        from flowmatch.tracking.resilient import UNSENT_FILE, make_resilient
+
+        if rank_zero_only.rank == 0:  # the only rank that logs
+            for logger in trainer.loggers:
+                make_resilient(logger, os.path.join(trainer.default_root_dir, UNSENT_FILE))
 
     @staticmethod
     def _harden_checkpoint_io(trainer) -> None:

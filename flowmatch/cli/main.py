@@ -19,6 +19,7 @@ COMMANDS = {
     "export-lora": ("flowmatch.cli.export_lora", "write a LoRA run's adapter as a diffusers LoRA file (or --merge: full weights): CKPT --out DIR"),
     "convert-checkpoint": ("flowmatch.cli.convert_checkpoint", "consolidate a DeepSpeed ZeRO checkpoint directory into one file: DIR --out model.ckpt"),
     "compare": ("flowmatch.cli.compare", "HTML report comparing MLflow runs: --experiment NAME --out report/"),
+    "sync-metrics": ("flowmatch.cli.sync_metrics", "send metrics kept while the tracking server was away to their MLflow run: FILE (unsent_metrics.jsonl)"),
     "study": ("flowmatch.cli.study", "run a whole study (variants x seeds, tracked in MLflow) and write docs/results.md: NAME --budget small"),
 }
 LIGHTNING_COMMANDS = {name for name, (module, _) in COMMANDS.items() if module is None}
