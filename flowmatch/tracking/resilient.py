@@ -110,8 +110,8 @@ class ResilientClient:
         self._next_probe = 0.0
         if not self._back():
             _say(f"the MLflow tracking server {self._uri} is still away at the end of the run: {len(self._kept)} metric "
-                          f"values are in {self._path}; send them when it is back with  python -m flowmatch sync-metrics {self._path}"
-                          f"{'' if not self._skipped else f' ({self._skipped} other tracking calls, params / images / artifacts, were skipped)'}")
+                 f"values are in {self._path}; send them when it is back with  python -m flowmatch sync-metrics {self._path}"
+                 f"{'' if not self._skipped else f' ({self._skipped} other tracking calls, params / images / artifacts, were skipped)'}")
 
     # ---- the away state ----
     def _went_away(self, err: BaseException) -> None:
@@ -139,7 +139,7 @@ class ResilientClient:
         try:
             check_tracking_uri(self._uri, timeout=2.0)
             sent = send_rows(self._client, self._kept)
-        except (TrackingServerError, Exception) as err:
+        except Exception as err:  # (TrackingServerError: still away)
             if isinstance(err, TrackingServerError) or is_unreachable(err):
                 return False
             raise
