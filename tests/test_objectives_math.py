@@ -318,11 +318,14 @@ def test_validation_noise_is_fixed_and_levels_weighted():
 
 
 # --- the LightningModule's named parts ------------------------------------------------------------------
-def test_the_objective_returns_its_resume_callback():
+def test_the_objective_returns_its_run_safety_callbacks():
+    from flowmatch.training.finished_run import FinishedRunCheckpoint
+    from flowmatch.training.lost_peer import LostPeerReport
     from flowmatch.training.resume_rng import ResumeRNG
+    from flowmatch.training.writable_checkpoints import WritableCheckpoints
 
     callbacks = RectifiedFlow(AffineNet()).configure_callbacks()
-    assert [type(c) for c in callbacks] == [ResumeRNG]
+    assert [type(c) for c in callbacks] == [ResumeRNG, FinishedRunCheckpoint, WritableCheckpoints, LostPeerReport]
 
 
 def test_null_condition_follows_the_networks_conditioning_spec():

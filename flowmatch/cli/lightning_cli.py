@@ -64,6 +64,16 @@ def _model_identity(model) -> dict | None:
     return out
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it, before any process group exists: torchrun's RANK,
+    SLURM's SLURM_PROCID, or Lightning's own launcher's NODE_RANK / LOCAL_RANK (any non-zero one: not rank 0)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    node, local = (int(os.environ.get(n, "0")) if os.environ.get(n, "0").isdigit() else 0 for n in ("NODE_RANK", "LOCAL_RANK"))
+    return local if node == 0 else max(node, local, 1)
+
+
 class FlowCLI(LightningCLI):
     def __init__(self, args=None, run=True):
         # `${trainer.max_steps}` in any config file refers to the merged config of the command
@@ -134,6 +144,10 @@ class FlowCLI(LightningCLI):
         cfg = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         self._refuse_checkpoint_of_another_model(cfg)
         self._resumed_from = None
+        if launch_rank() != 0 and cfg.get("trainer", {}).get("logger") not in (None, False):
+            # only global rank 0 logs; the others must not open the store at all (launched together by torchrun or
+            # SLURM, every rank would create / migrate the same SQLite store at once and collide)
+            cfg.trainer.logger = False
         specs = _mlflow_logger_specs(cfg.get("trainer", {}).get("logger"))
         for spec in specs:
             if spec.get("init_args") is not None and not spec.init_args.get("tracking_uri"):

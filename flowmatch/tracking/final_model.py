@@ -30,7 +30,8 @@ class LogFinalModel(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
-        if not self.log or not loggers:
+        # decided by rank 0, the only rank with a logger (the CLI gives the others none): every rank must take part
+        if not self.log or not trainer.strategy.broadcast(bool(loggers) if trainer.is_global_zero else None):
             return
         from flowmatch.checkpoints import atomic_torch_save, consolidate_deepspeed_checkpoint, read_checkpoint
 
