@@ -139,7 +139,7 @@ class FlowCLI(LightningCLI):
 
     # --- before anything is built: the checkpoint's model, the tracking server, the run a resume continues --
     def before_instantiate_classes(self) -> None:
-        from flowmatch.tracking.server import TrackingServerError, check_tracking_uri
+        from flowmatch.tracking.server import TrackingServerError, check_tracking_uri, ensure_experiment
 
         cfg = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         self._refuse_checkpoint_of_another_model(cfg)
@@ -157,6 +157,8 @@ class FlowCLI(LightningCLI):
                 check_tracking_uri(uri or DEFAULT_TRACKING_URI)
             except TrackingServerError as err:
                 raise SystemExit(f"error: {err}") from None
+            if spec.get("init_args") is not None and spec.init_args.get("experiment_name") and not spec.init_args.get("run_id"):
+                ensure_experiment(uri or DEFAULT_TRACKING_URI, spec.init_args.experiment_name)  # two fits at once: no race
         if self.subcommand == "fit" and cfg.get("ckpt_path") and specs:
             self._resumed_from = self._continue_mlflow_run(cfg.ckpt_path, specs[0])
         self._evaluate_ema = self.subcommand in ("validate", "test") and self._checkpoint_has_ema(cfg.get("ckpt_path"))
