@@ -245,3 +245,28 @@ def test_the_loader_benchmark_runs_on_bucketed_shards(buckets):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "latents 32x32 (16x8x8), 24x40 (16x6x10), 40x24 (16x10x6)" in out.stdout, out.stdout
     assert "| streaming loader, 0 workers" in out.stdout and "slowest streaming loader / model = " in out.stdout
+
+
+@pytest.mark.parametrize("first", [6, 8], ids=["mid_epoch", "at_an_epoch_end"])
+def test_a_finished_fit_extended_equals_the_uninterrupted_fit(buckets, tmp_path, first):
+    """A fit that reached its max_steps, extended with a larger max_steps from its last.ckpt, ends at the weights of
+    one fit to that step count (4 steps an epoch: 6 stops inside an epoch, 8 at its end)."""
+    import yaml
+
+    def fit(name: str, steps: int, *extra):
+        cbs = [{"class_path": "helpers_latents.SaveNetworkWeights", "init_args": {"dirpath": str(tmp_path / f"w{name}")}}]
+        (tmp_path / f"cb{name}.yaml").write_text(yaml.safe_dump(cbs))
+        out = run_cli(["fit", "--config", REPO / "experiments" / "mmdit_buckets.yaml", *RUN, "--data.init_args.data_dir", str(buckets),
+                       "--trainer.callbacks", str(tmp_path / f"cb{name}.yaml"), "--trainer.default_root_dir", str(tmp_path / name),
+                       "--trainer.max_steps", str(steps), "--checkpoint.every_n_train_steps", "0", *extra], tmp_path, timeout=400)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        return torch.load(tmp_path / f"w{name}" / "end.pt", weights_only=True)
+
+    straight = fit("straight", 10)
+    fit("run", first)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == first  # the finished run's last.ckpt is its last step
+    extended = fit("run", 10, "--ckpt_path", str(last))
+    diff = max((straight[k].float() - extended[k].float()).abs().max().item() for k in straight)
+    print(f"bucketed stream: {first} + {10 - first} steps vs 10 in one fit: max weight difference {diff}")
+    assert diff <= 1e-6

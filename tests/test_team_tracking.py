@@ -65,7 +65,7 @@ def team_server(tmp_path_factory):
                 pass
             assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
             time.sleep(0.5)
-        yield {"uri": uri, "store": store}
+        yield {"uri": uri, "store": store, "artifacts": root / "artifacts"}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -119,6 +119,9 @@ def test_a_team_server_on_postgres_with_accounts(team_server, tmp_path):
         assert sorted(r.info.run_name for r in runs) == ["alice_run", "bob_run"] and len({r.info.run_id for r in runs}) == 2
         for run in runs:
             assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [4, 9, 14, 19, 24, 29]
+            # artifacts go through the server to its shared artifact root
+            assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+        assert list((team_server["artifacts"]).rglob("config.yaml"))
     finally:
         for key, value in old.items():
             os.environ.pop(key) if value is None else os.environ.update({key: value})
