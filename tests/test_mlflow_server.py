@@ -5,59 +5,26 @@ the comparison report built from the server. Plus: an unreachable server is a cl
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cli_utils import REPO, run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers_mlflow import free_port, start_mlflow_server, stop_mlflow_server
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free loopback port with a SQLite store in a temp dir; terminated afterwards."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    port = free_port()
+    proc = start_mlflow_server(root, port, timeout=120)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not come up:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started (its own session)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        stop_mlflow_server(proc)
 
 
 CALLBACKS = [
@@ -129,7 +96,7 @@ def test_two_fits_on_a_server_then_compare(mlflow_server, tmp_path):
 
 
 def test_unreachable_server_is_an_error_before_training(tmp_path):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     start = time.time()
     out = run_cli(["fit", "--config", REPO / "experiments" / "toy2d_rf.yaml",
                    "--trainer.logger.init_args.tracking_uri", f"http://127.0.0.1:{port}"], tmp_path)

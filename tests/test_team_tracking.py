@@ -12,27 +12,17 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from cli_utils import REPO, run_cli
+from helpers_mlflow import free_port, start_mlflow_server, stop_mlflow_server
 
 POSTGRES = os.environ.get("FLOWMATCH_TEST_POSTGRES")  # postgresql://user:password@host:port, from .ci/run
 pytestmark = pytest.mark.skipif(not POSTGRES, reason="needs PostgreSQL: .ci/run starts Debian's and sets FLOWMATCH_TEST_POSTGRES")
 ADMIN, PASSWORD = "admin", "team-secret-" + secrets.token_hex(4)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,29 +37,16 @@ def team_server(tmp_path_factory):
     (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
                                    f"admin_username = {ADMIN}\nadmin_password = {PASSWORD}\n"
                                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
-    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", store,
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+    proc = None
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
+        proc = start_mlflow_server(root, port, backend_store=store, extra=["--app-name", "basic-auth"], env=env)
         yield {"uri": uri, "store": store, "artifacts": root / "artifacts"}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+        if proc is not None:
+            stop_mlflow_server(proc)
         admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         admin.close()
 

@@ -10,44 +10,15 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from cli_utils import REPO, run_cli
+from helpers_mlflow import free_port, start_mlflow_server, stop_mlflow_server
 
 STEPS, EVERY = 400, 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(root: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=root, stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
-        time.sleep(0.3)
-
-
-def _kill_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)  # gone at once, as a crashed machine would be
-    proc.wait()
 
 
 def _fit(tmp_path: Path, uri: str, name: str) -> subprocess.Popen:
@@ -86,17 +57,17 @@ def test_tracking_server_away_mid_run(tmp_path):
 
     root = tmp_path / "server"
     root.mkdir()
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _start_server(root, port)
+    server = start_mlflow_server(root, port)
     client = MlflowClient(uri)
     try:
         # 1. the server comes back during the run
         fit = _fit(tmp_path, uri, "back_mid_run")
         run_id = _wait_for_logged_loss(client, "back_mid_run", fit)
-        _kill_server(server)
+        stop_mlflow_server(server, kill=True)
         time.sleep(3)
-        server = _start_server(root, port)
+        server = start_mlflow_server(root, port)
         out, err = fit.communicate(timeout=400)
         assert fit.returncode == 0, err[-3000:]
         assert err.count("lost the MLflow tracking server") == 1 and err.count("answers again after") == 1, err[-3000:]
@@ -108,16 +79,15 @@ def test_tracking_server_away_mid_run(tmp_path):
         # 2. the server is still away when the run ends: the kept values wait in a file, sync-metrics sends them
         fit = _fit(tmp_path, uri, "away_at_end")
         run_id = _wait_for_logged_loss(client, "away_at_end", fit)
-        _kill_server(server)
+        stop_mlflow_server(server, kill=True)
         out, err = fit.communicate(timeout=400)
         assert fit.returncode == 0, err[-3000:]
         unsent = tmp_path / "away_at_end" / "unsent_metrics.jsonl"
         assert "is still away at the end of the run" in err and f"sync-metrics {Path('away_at_end') / 'unsent_metrics.jsonl'}" in err, err[-3000:]
-        server = _start_server(root, port)
+        server = start_mlflow_server(root, port)
         sync = run_cli(["sync-metrics", unsent], tmp_path)
         assert sync.returncode == 0 and "sent " in sync.stdout, sync.stderr[-2000:]
         _complete_curve(client, run_id)
         assert not unsent.exists() and unsent.with_name(unsent.name + ".sent").exists()
     finally:
-        if server.poll() is None:
-            _kill_server(server)
+        stop_mlflow_server(server, kill=True)
