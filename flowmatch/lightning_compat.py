@@ -33,15 +33,18 @@ def training_position(trainer) -> tuple[int, int]:
     return epoch, int(batches.current.processed)
 
 
-def record_end_of_epoch_as_last_step(trainer, checkpoint: dict) -> None:
-    """Write a checkpoint taken in or after the epoch-end hooks as the one taken right after the epoch's last step.
+def record_epoch_end_for_resume(trainer, checkpoint: dict) -> None:
+    """Write a checkpoint taken in or after the epoch-end hooks in a loop state that Lightning resumes exactly.
 
     At the end of a fit (and of an epoch), Lightning counts the epoch as processed and completed, also when
     ``max_steps`` stopped it with batches left. A fit extended from such a checkpoint (``--ckpt_path last.ckpt``
     with a larger ``max_steps``) then started the next epoch (other data than the uninterrupted fit, one epoch
-    more on the counter) or, at a real epoch end, lost its place in it. The loop state is rewritten as
-    ``on_train_batch_end`` of the last step leaves it (the state every ``every_n_train_steps`` checkpoint has,
-    which Lightning restores exactly): epoch started but not processed, last batch processed but not completed.
+    more on the counter) or, at a real epoch end, lost its place in it. So the saved loop state is rewritten:
+
+    * an epoch with batches left: as ``on_train_batch_end`` of its last step leaves it (the state of every
+      ``every_n_train_steps`` checkpoint): epoch started but not processed, last batch processed, not completed;
+    * an epoch used up: as at the start of the next epoch (Lightning's RESTARTED_ON_EPOCH_START).
+
     The layout is Lightning 2.6's."""
     current = trainer.fit_loop.epoch_progress.current
     loop = checkpoint.get("loops", {}).get("fit_loop")

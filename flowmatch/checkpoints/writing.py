@@ -11,6 +11,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from flowmatch.atomic_io import atomic_write
 from flowmatch.checkpoints.errors import CheckpointError
+from flowmatch.error_chain import causes
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -23,17 +24,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while writing
         stale.unlink(missing_ok=True)
-
-
-def _os_error_in(err: BaseException) -> OSError | None:
-    """The OSError behind ``err`` (torch.save reports a failed write as a RuntimeError raised while handling it)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,7 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             atomic_torch_save(checkpoint, path)
         except (OSError, RuntimeError) as err:  # a full disk, a directory gone read-only: say where, and that nothing was lost
-            cause = _os_error_in(err)
+            cause = next((e for e in causes(err) if isinstance(e, OSError)), None)  # (torch.save: a RuntimeError over it)
             if cause is None:
                 raise
             raise CheckpointError(f"could not write the checkpoint {path}: {cause.strerror or cause}; the training stopped, "

@@ -246,14 +246,12 @@ class FlowCLI(LightningCLI):
 
     @staticmethod
     def _resilient_tracking(trainer) -> None:
-        """Training goes on when an http(s) tracking server goes away mid-run (flowmatch.tracking.resilient)."""
-        from lightning.pytorch.utilities import rank_zero_only
-
+        """Training goes on when an http(s) tracking server goes away mid-run (flowmatch.tracking.resilient).
+        Only rank 0 has loggers (before_instantiate_classes)."""
         from flowmatch.tracking.resilient import UNSENT_FILE, make_resilient
 
-        if rank_zero_only.rank == 0:  # the only rank that logs
-            for logger in trainer.loggers:
-                make_resilient(logger, os.path.join(trainer.default_root_dir, UNSENT_FILE))
+        for logger in trainer.loggers:
+            make_resilient(logger, os.path.join(trainer.default_root_dir, UNSENT_FILE))
 
     @staticmethod
     def _harden_checkpoint_io(trainer) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from flowmatch.error_chain import causes
 from flowmatch.tracking.server import TrackingServerError, check_tracking_uri
 
 UNSENT_FILE = "unsent_metrics.jsonl"
@@ -46,13 +47,8 @@ def _say(message: str) -> None:
 
 def is_unreachable(err: BaseException | None) -> bool:
     """Did ``err`` (or what it was raised from) come from a tracking server that does not answer?"""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (ConnectionError, TimeoutError)) or any(sign in str(err).lower() for sign in _UNREACHABLE_SIGNS):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any(isinstance(e, (ConnectionError, TimeoutError)) or any(sign in str(e).lower() for sign in _UNREACHABLE_SIGNS)
+               for e in causes(err))
 
 
 class ResilientClient:

@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 
-from flowmatch.lightning_compat import record_end_of_epoch_as_last_step, save_last_at_the_end
+from flowmatch.lightning_compat import record_epoch_end_for_resume, save_last_at_the_end
 
 
 class FinishedRunCheckpoint(L.Callback):
@@ -30,4 +30,4 @@ class FinishedRunCheckpoint(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         fn = getattr(trainer.state, "fn", None)
         if getattr(fn, "value", fn) == "fit":
-            record_end_of_epoch_as_last_step(trainer, checkpoint)
+            record_epoch_end_for_resume(trainer, checkpoint)

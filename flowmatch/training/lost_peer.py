@@ -18,6 +18,8 @@ from __future__ import annotations
 import lightning as L
 import torch.distributed as dist
 
+from flowmatch.error_chain import causes
+
 #: filled by LostPeerReport when a lost peer stops a fit (read by the CLI)
 LAST_LOSS: dict = {}
 
@@ -27,14 +29,11 @@ _TRANSPORT_SIGNS = ("connection reset by peer", "connection closed by peer", "br
 
 def is_lost_peer(err: BaseException | None) -> bool:
     """Is ``err`` (or what it was raised from) a collective that failed because another process went away?"""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text = str(err).lower()
-        if isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and ("gloo" in text or "nccl" in text)):
+    for e in causes(err):
+        text = str(e).lower()
+        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and ("gloo" in text or "nccl" in text)):
             if any(sign in text for sign in _TRANSPORT_SIGNS):
                 return True
-        err = err.__cause__ or err.__context__
     return False
 
 
