@@ -59,6 +59,18 @@ def _check_ckpt_path(args: list[str]) -> None:
             read_checkpoint(value)
 
 
+def _close_process_group() -> None:
+    """Destroy a distributed run's process group before the interpreter exits: left to exit, gloo's threads
+    sometimes abort the process ("terminate called without an active exception", status -6) after a good run."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # a broken group (a peer gone) has nothing left to close
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"error: {message}", file=sys.stderr)
             return 1
+        finally:
+            _close_process_group()
         return 0
     print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
