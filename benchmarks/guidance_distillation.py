@@ -6,9 +6,9 @@ student with g as its embedded input (one plain batch; docs/guidance_distillatio
 demo's own metric code, flowmatch.callbacks.ImageSampleMetrics, run by `trainer.test` exactly as `python -m flowmatch test`
 runs it: caption adherence on the label captions ("a 0" ... "a 9", ``--per_class`` each) and on the held-out half's
 synthetic captions, Fréchet distance of the held-out captions' samples to the other held-out half and its ratio to the
-real-vs-real floor, in the feature space of the demo's digit classifier. Beside them: NFE (evaluations of the guided
-field, as the platform counts them), the images pushed through the network per generated image (2 per evaluation for
-CFG's doubled batch, 1 for embedded guidance) and the wall-clock sampling time per image (the ODE solve only, in the
+real-vs-real floor, in the feature space of the demo's digit classifier. Beside them: NFE (network evaluations per
+image, as the platform counts them: 2 per solver step for CFG, 1 for embedded guidance), the images a forward hook saw
+pushed through the network per generated image (which must equal the NFE) and the wall-clock sampling time per image (the ODE solve only, in the
 process's torch threads). Run from the repository root:
 
     python benchmarks/guidance_distillation.py --teacher TEACHER.ckpt --student STUDENT.ckpt

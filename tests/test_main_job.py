@@ -59,7 +59,7 @@ def test_fit_prepares_the_demo_and_tracks_sample_quality_in_mlflow(main_job):
     for key in ("train/loss", "val/loss", "val/loss_t0.125", "val/loss_t1.000", "val/fd_real", "val/fd_euler25", "val/fd_ratio_euler25_cfg1p5",
                 "val/caption_acc_euler25", "val/caption_acc_euler25_cfg1p5", "val/caption_acc_syn_euler25_cfg1p5", "val/nfe_euler25_cfg1p5"):
         assert key in metrics, f"{key} missing from {sorted(metrics)}"
-    assert metrics["val/nfe_euler25_cfg1p5"] == 25  # guidance runs both halves as one batch: one NFE per step
+    assert metrics["val/nfe_euler25_cfg1p5"] == 50 and metrics["val/nfe_euler25"] == 25  # guidance: 2 network passes per step
     assert 0.0 <= metrics["val/caption_acc_euler25_cfg1p5"] <= 1.0 and metrics["val/fd_real"] > 0
     assert metrics["val/fd_ratio_euler25"] == pytest.approx(metrics["val/fd_euler25"] / metrics["val/fd_real"], rel=1e-5)
     assert len(client.get_metric_history(fit_run.info.run_id, "val/fd_euler25_cfg1p5")) == 2  # at steps 8 and 16

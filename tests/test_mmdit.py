@@ -224,7 +224,7 @@ def test_three_sets_second_stream_from_the_first_streams_tokens():
 
     model = RectifiedFlow(network=net)  # guided sampling batches cond and its null: they must have the same keys
     x, nfe = model.generate(2, SamplerConfig(steps=2, guidance=1.5), cond=cond, noise=torch.randn(2, 4, 8, 8))
-    assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all() and nfe == 2
+    assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all() and nfe == 4  # 2 steps x (conditional + unconditional pass)
     with pytest.raises(ValueError, match="learned_null is not supported"):
         MMDiT(**TINY, context_dim_2=20, tokens_2_source="tokens", learned_null=True)
     with pytest.raises(ValueError, match="only the 3-sets variant"):

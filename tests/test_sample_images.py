@@ -167,7 +167,7 @@ def test_seed_repeats_guidance_and_negative_prompt_change_the_images(ckpt, tmp_p
         assert not np.allclose(lat["a"], lat[other], atol=1e-6), other
     assert not np.allclose(lat["cfg"], lat["negative"], atol=1e-6)
     cfg = json.loads((tmp_path / "cfg" / "samples.json").read_text())
-    assert cfg["guidance"] == 3 and cfg["sampler"] == "euler3_cfg3" and cfg["nfe"] == 3  # one doubled-batch call per step
+    assert cfg["guidance"] == 3 and cfg["sampler"] == "euler3_cfg3" and cfg["nfe"] == 6  # a conditional and an unconditional pass per step
     assert json.loads((tmp_path / "negative" / "samples.json").read_text())["negative_prompt"] == "a 1"
 
 

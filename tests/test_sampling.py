@@ -258,8 +258,12 @@ def test_guidance_structure_mismatch_raises():
         v(torch.zeros(2, 2), torch.zeros(2))
 
 
-def test_guided_sampling_counts_guided_evaluations():
+def test_guided_sampling_counts_network_evaluations_per_sample():
     field = CountingField()
     cond = torch.randn(4, 2, dtype=torch.float64)
     _, nfe = sample(field, noise(4), cond, torch.zeros_like(cond), SamplerConfig("heun", 5, guidance=3.0))
-    assert nfe == 10 and field.batches == [8] * 10
+    assert field.batches == [8] * 10  # 10 field evaluations, each one call on the doubled batch
+    assert nfe == sum(field.batches) / 4 == 20  # network evaluations per sample: both passes count
+    field = CountingField()
+    _, nfe = sample(field, noise(4), cond, torch.zeros_like(cond), SamplerConfig("heun", 5, guidance=1.0))
+    assert nfe == 10 and field.batches == [4] * 10  # guidance 1: the conditional pass only

@@ -12,7 +12,7 @@ for label captions, with every sampler setting, and compares them with the split
 - caption adherence: the share of images generated for the label captions ("a 7", ``per_class`` each)
   that the classifier assigns to the captioned class (``{stage}/caption_acc_{sampler}``), and the same
   for the held-out half's synthetic captions ("a thick, upright seven ...": ``caption_acc_syn_{sampler}``).
-- ``{stage}/nfe_{sampler}``: network evaluations per image (guidance counts its two passes as one).
+- ``{stage}/nfe_{sampler}``: network evaluations per image (classifier-free guidance counts its conditional and unconditional passes: 2 per solver evaluation).
 
 Data with aspect-ratio buckets (``prepare`` with buckets): the held-out split is compared bucket by bucket:
 ``{stage}/fd_{sampler}_{bucket}`` and ``fd_ratio_..._{bucket}`` (images generated at the bucket's size for the

@@ -31,7 +31,7 @@ from flowmatch.objectives.loss import VelocityField
 from flowmatch.parametrisation import Parametrisation
 from flowmatch.paths.base import AffinePath
 from flowmatch.sampling import SamplerConfig, guided_velocity, sample
-from flowmatch.sampling.guidance import embeds_guidance
+from flowmatch.sampling.guidance import embeds_guidance, network_passes
 from flowmatch.training.checkpoint_checks import check_checkpoint_fits
 from flowmatch.training.checkpoint_record import data_info_of_run, read_record, write_record
 from flowmatch.training.finished_run import FinishedRunCheckpoint
@@ -280,7 +280,8 @@ class FlowGenerator(L.LightningModule):
             if t_min > 0:  # the velocity is singular at t = 0: finish with the model's x0 prediction
                 t = torch.full((x.shape[0],), t_min, device=x.device, dtype=x.dtype)
                 v = guided_velocity(self.velocity, cond, uncond, sampler.guidance)(x, t)
-                x, nfe = self.path.x0_eps_from_velocity(v, x, t)[0], nfe + 1
+                x = self.path.x0_eps_from_velocity(v, x, t)[0]
+                nfe += network_passes(self.velocity, cond, uncond, sampler.guidance)
             return x, nfe
         finally:
             self.net.train(was_training)

@@ -1,14 +1,15 @@
 """Guidance at sampling time (docs/spec.md §4): classifier-free, or embedded in a guidance-distilled network.
 
 Classifier-free guidance: v = v_uncond + w (v_cond - v_uncond). The conditional and unconditional
-velocities are computed in ONE network call on a doubled batch, so one evaluation of the guided field
-costs one (doubled-batch) network call: solver NFE counts stay comparable between guided and unguided
-sampling (the cost per call doubles).
+velocities are computed in one network call on a doubled batch [z; z], [cond; uncond], so each evaluation
+of the guided field costs every sample TWO network evaluations: the NFE the platform reports (``sample``,
+the ``nfe_<sampler>`` metrics, ``python -m flowmatch sample``) counts network evaluations per sample, so
+"euler25_cfg1p5" costs 50 where "euler25" costs 25, and a plot of quality against NFE shows the real cost.
 
 Embedded guidance: a guidance-distilled network (FLUX with ``guidance_embed=True``, like FLUX.1-dev;
 flowmatch.objectives.guidance_distillation) takes the scale as an input, ``cond["guidance"]`` = w for
 every sample, and has no unconditional branch: each evaluation is one call on the plain batch, with
-no null condition. The scale w means the same (the teacher's CFG scale the network imitates), so a
+no null condition, so one network evaluation per sample and step. The scale w means the same (the teacher's CFG scale the network imitates), so a
 sampler spec "euler25:cfg=3" samples such a network at embedded guidance 3, at half the network work
 of real CFG. Whether a network embeds guidance is read from it (``embeds_guidance``): ``sample`` and
 ``guided_velocity`` look at the network behind the velocity function (a network, or a FlowGenerator's
@@ -88,6 +89,14 @@ def with_guidance(cond: Any, scale: float, batch: int, device: torch.device | st
         raise ValueError("a guidance-embedded network takes its guidance scale as cond['guidance'] beside its text condition: "
                          f"the condition must be a dict, got {type(cond).__name__}")
     return {**cond, "guidance": torch.full((batch,), float(scale), device=device, dtype=torch.float32)}
+
+
+def network_passes(velocity_fn: ConditionalVelocity, cond: Any, uncond: Any, scale: float, embedded: bool | None = None) -> int:
+    """Network evaluations per sample in one evaluation of the field ``guided_velocity`` returns for the
+    same arguments: 2 with classifier-free guidance (conditional and unconditional pass), else 1."""
+    if embedded is None:
+        embedded = embeds_guidance(velocity_fn)
+    return 1 if embedded or scale == 1 or cond is None or uncond is None else 2
 
 
 def guided_velocity(

@@ -7,7 +7,7 @@ from typing import Any, Callable, Tuple
 
 import torch
 
-from .guidance import guided_velocity
+from .guidance import guided_velocity, network_passes
 from .solvers import ADAPTIVE_SOLVERS, get_solver
 from .time_grid import time_grid
 
@@ -68,13 +68,15 @@ def sample(
     """Integrate dz/dt = v(z, t) from t_max (noise) to t_min (0: data); returns (x, nfe).
 
     ``velocity_fn(z, t, cond)`` is the model's velocity with t of shape (B,) in z's dtype.
-    ``nfe`` counts evaluations of the (guided) field, each ONE network call: with CFG a call on the
-    doubled batch [cond; uncond], with embedded guidance (a guidance-distilled network, which gets
+    ``nfe`` counts network evaluations per sample: the solver's evaluations of the (guided) field, times 2
+    with classifier-free guidance (each is one call on the doubled batch [cond; uncond]: a conditional and
+    an unconditional pass per sample). With embedded guidance (a guidance-distilled network, which gets
     ``config.guidance`` as cond["guidance"]; ``embedded_guidance`` None = read from the network behind
-    ``velocity_fn``, see flowmatch.sampling.guidance) a call on the plain batch.
+    ``velocity_fn``, see flowmatch.sampling.guidance) each field evaluation is one call on the plain batch.
     Runs with whatever grad mode the caller set (wrap in torch.no_grad() for inference).
     """
     grid = time_grid(config.steps, shift=config.shift, kind=config.grid, t_max=t_max, t_min=t_min)
     v = guided_velocity(velocity_fn, cond, uncond, config.guidance, embedded=embedded_guidance)
     solver = get_solver(config.solver)
-    return solver(v, noise, grid, rtol=config.rtol, atol=config.atol, progress=progress)
+    x, field_evaluations = solver(v, noise, grid, rtol=config.rtol, atol=config.atol, progress=progress)
+    return x, field_evaluations * network_passes(velocity_fn, cond, uncond, config.guidance, embedded=embedded_guidance)
