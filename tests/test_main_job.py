@@ -83,11 +83,36 @@ def test_test_prints_the_table_and_logs_stable_names(main_job):
     table = out[out.index("test: sample quality"):].splitlines()
     assert "caption acc" in table[1] and "FD/real" in table[1]
     assert [row.split()[0] for row in table[3:6]] == ["euler1", "euler2_cfg3", "dopri5"]
-    assert [int(row.split()[1]) for row in table[3:5]] == [1, 2]  # NFE
-    _, runs = _run(work)
-    metrics = runs[-1].data.metrics
-    for key in ("test/loss", "test/fd_real", "test/fd_euler1", "test/caption_acc_euler2_cfg3", "test/caption_acc_syn_dopri5", "test/nfe_dopri5"):
+    assert [int(row.split()[1]) for row in table[3:5]] == [1, 4]  # NFE: network evaluations per image, guidance's 2 passes a step
+    client, runs = _run(work)
+    # the test logged into the run that trained the checkpoint: one run, its test metrics beside its val metrics
+    assert len(runs) == 1, [(r.info.run_name, r.data.tags.get("stage")) for r in runs]
+    run = runs[0]
+    metrics, tags = run.data.metrics, run.data.tags
+    for key in ("test/loss", "test/fd_real", "test/fd_euler1", "test/caption_acc_euler2_cfg3", "test/caption_acc_syn_dopri5", "test/nfe_dopri5",
+                "val/loss", "val/fd_euler2"):
         assert key in metrics, f"{key} missing from {sorted(metrics)}"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/loss")] == [16]  # at the checkpoint's step
+    assert run.info.status == "FINISHED" and tags["stage"] == "fit"  # the training run stays what it was
+    assert tags["flowmatch.test_at_step"] == "16" and tags["flowmatch.test_status"] == "FINISHED"
+    assert "config_test_step16.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert any("test_samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+
+
+def test_validate_of_a_checkpoint_from_another_store_logs_a_linked_run(main_job, tmp_path):
+    work = main_job["work"]
+    (work / "test_samplers.yaml").write_text(TEST_SAMPLERS)
+    _, runs = _run(work)
+    other = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    val = run_cli(["validate", "--config", EXPERIMENT, "--config", "test_samplers.yaml", *TINY, "--ckpt_path", main_job["ckpt"],
+                   "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.tracking_uri", other], cwd=work, timeout=600,
+                  extra_env={"OMP_NUM_THREADS": "1"})
+    assert val.returncode == 0, val.stderr[-4000:]
+    assert f"the checkpoint's MLflow run {runs[0].info.run_id} is not in {other}" in val.stderr
+    client = mlflow.MlflowClient(tracking_uri=other)
+    [run] = client.search_runs([client.get_experiment_by_name("demo_digits").experiment_id])
+    assert run.data.tags["flowmatch.evaluates_run"] == runs[0].info.run_id and run.data.tags["stage"] == "validate"
+    assert "val/fd_euler2" in run.data.metrics
 
 
 def test_sample_draws_images_for_prompts(main_job):

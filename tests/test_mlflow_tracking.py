@@ -82,3 +82,31 @@ def test_progress_bar_counts_steps_with_rate_and_eta(tmp_path, capsys):
     text = capsys.readouterr().out
     assert re.search(r"12/12 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+step/s", text), text[-500:]  # elapsed<remaining, steps/s
     assert "Epoch 3" in text
+
+
+@pytest.mark.parametrize("outcome", ["success", "failed"])
+def test_an_evaluation_in_the_training_run_keeps_its_status_and_end_time(tmp_path, outcome):
+    """A test that crashes inside a finished training run must not make the run look failed (studies look for FINISHED)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    from flowmatch.tracking.evaluation_run import log_evaluation_into_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp, run_name="fit").info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    before = client.get_run(run_id).info
+    logger = MLFlowLogger(tracking_uri=uri, run_id=run_id)
+    log_evaluation_into_run(logger, "test")
+    logger.log_metrics({"test/loss": 0.5}, step=16)
+    logger.finalize(outcome)
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.end_time
+    assert after.data.tags["flowmatch.test_status"] == ("FAILED" if outcome == "failed" else "FINISHED")
+    assert after.data.metrics["test/loss"] == 0.5
+    plain = MLFlowLogger(tracking_uri=uri, run_id=run_id)  # Lightning's own logger would end the run again
+    plain.log_metrics({"test/loss": 0.5}, step=16)
+    plain.finalize("failed")
+    assert client.get_run(run_id).info.status == "FAILED"

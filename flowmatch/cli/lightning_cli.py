@@ -9,7 +9,8 @@ Around Lightning's own behaviour the CLI adds:
   unreachable server is an ``error:`` at start-up (exit status 1), not a crash at the first metric;
 * ``fit --ckpt_path CKPT`` continues the MLflow run recorded in the checkpoint (same run id, metrics
   continue at the resumed step), or, if that run is not in this tracking store, starts a new run
-  tagged ``flowmatch.resumed_from_run``;
+  tagged ``flowmatch.resumed_from_run``; ``validate`` / ``test --ckpt_path CKPT`` log into that run
+  (test metrics beside its val metrics; flowmatch.tracking.evaluation_run);
 * checkpoint files are written atomically and read with safe unpickling (AtomicCheckpointIO);
 * ``validate`` / ``test`` of a checkpoint that holds EMA weights use them (an EMA callback is added if the
   config has none; for the raw weights configure one with ``use_for_eval: false``);
@@ -159,8 +160,11 @@ class FlowCLI(LightningCLI):
                 raise SystemExit(f"error: {err}") from None
             if spec.get("init_args") is not None and spec.init_args.get("experiment_name") and not spec.init_args.get("run_id"):
                 ensure_experiment(uri or DEFAULT_TRACKING_URI, spec.init_args.experiment_name)  # two fits at once: no race
+        self._evaluated = None
         if self.subcommand == "fit" and cfg.get("ckpt_path") and specs:
-            self._resumed_from = self._continue_mlflow_run(cfg.ckpt_path, specs[0])
+            self._resumed_from = self._continue_mlflow_run(cfg.ckpt_path, specs[0], "fit")
+        elif self.subcommand in ("validate", "test") and cfg.get("ckpt_path") and specs:
+            self._evaluated = self._continue_mlflow_run(cfg.ckpt_path, specs[0], self.subcommand)  # flowmatch.tracking.evaluation_run
         self._evaluate_ema = self.subcommand in ("validate", "test") and self._checkpoint_has_ema(cfg.get("ckpt_path"))
 
     @staticmethod
@@ -174,8 +178,9 @@ class FlowCLI(LightningCLI):
         except CheckpointError:
             return False
 
-    def _continue_mlflow_run(self, ckpt_path: str, spec) -> dict | None:
-        """Point the MLflow logger at the run the checkpoint was written by (if it is in this store)."""
+    def _continue_mlflow_run(self, ckpt_path: str, spec, stage: str) -> dict | None:
+        """Point the MLflow logger at the run the checkpoint was written by (if it is in this store): a resumed
+        fit continues it, a validate / test logs into it (flowmatch.tracking.evaluation_run)."""
         from flowmatch.checkpoints import CheckpointError, read_client_state
 
         if not os.path.exists(str(ckpt_path)):
@@ -195,11 +200,14 @@ class FlowCLI(LightningCLI):
         try:
             MlflowClient(spec.init_args.tracking_uri).get_run(run_id)
         except MlflowException:
+            from flowmatch.tracking.evaluation_run import EVALUATED_RUN_TAG
+
+            tag = "flowmatch.resumed_from_run" if stage == "fit" else EVALUATED_RUN_TAG
             print(f"note: the checkpoint's MLflow run {run_id} is not in {spec.init_args.tracking_uri}; "
-                  "this resumed fit logs to a new run tagged flowmatch.resumed_from_run", file=sys.stderr)
+                  f"this {'resumed fit' if stage == 'fit' else stage} logs to a new run tagged {tag}", file=sys.stderr)
             info["new_run"] = True
             tags = dict(spec.init_args.get("tags") or {})
-            tags["flowmatch.resumed_from_run"] = run_id
+            tags[tag] = run_id
             spec.init_args.tags = tags
             return info
         spec.init_args.run_id = run_id
@@ -216,9 +224,18 @@ class FlowCLI(LightningCLI):
         trainer = super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})  # adds final_model and the config saver
         self._harden_checkpoint_io(trainer)
         self._resilient_tracking(trainer)
+        resumed, evaluated = getattr(self, "_resumed_from", None), getattr(self, "_evaluated", None)
         for cb in trainer.callbacks:
-            if isinstance(cb, MLflowSaveConfig) and getattr(self, "_resumed_from", None) and not self._resumed_from.get("new_run"):
-                cb.resumed_from = self._resumed_from
+            if isinstance(cb, MLflowSaveConfig) and resumed and not resumed.get("new_run"):
+                cb.resumed_from = resumed
+            if isinstance(cb, MLflowSaveConfig) and evaluated and not evaluated.get("new_run") and evaluated.get("run_id"):
+                cb.evaluated = evaluated
+        if evaluated and not evaluated.get("new_run") and evaluated.get("run_id"):
+            from flowmatch.tracking.evaluation_run import log_evaluation_into_run
+
+            for logger in trainer.loggers:
+                if isinstance(logger, MLFlowLogger) and logger.run_id == evaluated["run_id"]:
+                    log_evaluation_into_run(logger, str(self.subcommand))
         return trainer
 
     def _platform_callbacks(self, trainer_config, configured: list, checkpoint: list) -> list:

@@ -91,9 +91,12 @@ class MLflowSaveConfig(SaveConfigCallback):
     """Logs the resolved config as ``config.yaml``, its flattened params and grouping tags to MLflow,
     and writes the MLflow run into checkpoints (``checkpoint["mlflow"]``) so a resume can continue it.
 
-    ``resumed_from``: set by the CLI when a fit resumes from a checkpoint (``{"step": N, ...}``)."""
+    ``resumed_from``: set by the CLI when a fit resumes from a checkpoint (``{"step": N, ...}``).
+    ``evaluated``: set by the CLI when a validate / test logs into the run that trained its checkpoint
+    (flowmatch.tracking.evaluation_run): the run's params and tags stay as the fit logged them."""
 
     resumed_from: dict | None = None
+    evaluated: dict | None = None
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
@@ -117,6 +120,9 @@ class MLflowSaveConfig(SaveConfigCallback):
         params = {k: v for k, v in flatten_config(cfg).items() if not k.startswith(NOT_PARAMS)}
         for logger in loggers:
             client, run_id = logger.experiment, logger.run_id
+            if self.evaluated is not None:
+                self._log_evaluation(logger, text, tags["stage"])
+                continue
             if self.resumed_from is None:
                 client.log_text(run_id, text, "config.yaml")
                 logger.log_hyperparams(params)
@@ -143,6 +149,16 @@ class MLflowSaveConfig(SaveConfigCallback):
             client.log_text(run_id, text, f"config_resumed_step{step}.yaml")
             client.set_tag(run_id, "flowmatch.changed_params", ",".join(changed)[:5000])
         client.set_tag(run_id, "flowmatch.resumed_at_step", str(step))
+
+    def _log_evaluation(self, logger: MLFlowLogger, text: str, stage: str) -> None:
+        """A validate / test in the training run: its config beside the fit's, the step and the code it ran."""
+        client, run_id = logger.experiment, logger.run_id
+        step = int((self.evaluated or {}).get("step", 0))
+        client.log_text(run_id, text, f"config_{stage}_step{step}.yaml")
+        client.set_tag(run_id, f"flowmatch.{stage}_at_step", str(step))
+        commit = git_commit()
+        if commit:
+            client.set_tag(run_id, f"flowmatch.{stage}_git_commit", commit)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         for logger in trainer.loggers:
