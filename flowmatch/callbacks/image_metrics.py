@@ -39,6 +39,7 @@ import torch
 from flowmatch.callbacks.common import parse_samplers
 from flowmatch.callbacks.plots import image_grid
 from flowmatch.data.facts import facts_of
+from flowmatch.metrics.directions import arrow
 from flowmatch.data.reference import reference_batch, reference_buckets
 from flowmatch.time_shift import sampling_shift
 from flowmatch.tracking import log_image_to_loggers
@@ -331,18 +332,20 @@ def _uses_ema(trainer) -> bool:
 def format_table(rows: list[dict], fd_real: float, stage: str, weights: str, real_syn: dict[str, float] | None = None) -> str:
     """The numbers of one evaluation as a fixed-width text table (``real_syn``: per bucket, the synthetic-caption
     adherence the judge gives the held-out real images, the ceiling of the generated images')."""
-    head = f"{'sampler':<22}{'NFE':>6}{'FD':>9}{'FD/real':>9}{'caption acc':>13}{'synthetic':>11}{'seconds':>9}"
-    lines = [f"{stage}: sample quality ({weights} weights; FD of real vs real held-out halves = {fd_real:.3f})", head, "-" * len(head)]
+    head = (f"{'sampler':<22}{'NFE':>6}{'FD ' + arrow('fd'):>9}{'FD/real ' + arrow('fd_ratio'):>11}{'caption acc ' + arrow('caption_acc'):>15}"
+            f"{'synthetic ' + arrow('caption_acc_syn'):>13}{'seconds':>9}")
+    lines = [f"{stage}: sample quality ({weights} weights; FD of real vs real held-out halves = {fd_real:.3f}; "
+             "NFE: network evaluations per image, 2 a step with guidance)", head, "-" * len(head)]
     if real_syn:
-        lines.append(f"{'real images':<22}{'':>6}{'':>9}{'':>9}{'':>13}{100 * sum(real_syn.values()) / len(real_syn):>10.1f}%")
-        lines += [f"{'  ' + b:<22}{'':>6}{'':>9}{'':>9}{'':>13}{100 * v:>10.1f}%" for b, v in real_syn.items()]
+        lines.append(f"{'real images':<22}{'':>6}{'':>9}{'':>11}{'':>15}{100 * sum(real_syn.values()) / len(real_syn):>12.1f}%")
+        lines += [f"{'  ' + b:<22}{'':>6}{'':>9}{'':>11}{'':>15}{100 * v:>12.1f}%" for b, v in real_syn.items()]
     for r in rows:
         acc = f"{100 * r['caption_acc']:.1f}%" if "caption_acc" in r else "-"
         syn = f"{100 * r['caption_acc_syn']:.1f}%" if "caption_acc_syn" in r else "-"
-        lines.append(f"{r['sampler']:<22}{r['nfe']:>6}{r['fd']:>9.3f}{r['fd_ratio']:>9.2f}{acc:>13}{syn:>11}{r['seconds']:>9.1f}")
+        lines.append(f"{r['sampler']:<22}{r['nfe']:>6}{r['fd']:>9.3f}{r['fd_ratio']:>11.2f}{acc:>15}{syn:>13}{r['seconds']:>9.1f}")
         for bucket, b in r.get("buckets", {}).items():  # data with aspect-ratio buckets: each bucket under its sampler
             syn = f"{100 * b['caption_acc_syn']:.1f}%" if "caption_acc_syn" in b else "-"
-            lines.append(f"{'  ' + bucket:<22}{'':>6}{b['fd']:>9.3f}{b['fd_ratio']:>9.2f}{'':>13}{syn:>11}")
+            lines.append(f"{'  ' + bucket:<22}{'':>6}{b['fd']:>9.3f}{b['fd_ratio']:>11.2f}{'':>15}{syn:>13}")
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
 ``report.claims`` are the paper's qualitative findings, each checked on the means and per seed:
 ``better`` (variant(s) lower than others on a metric, ``at`` final / first / mean_over_training),
-``factor`` (others / variant >= min_factor), ``top`` (among the k best), ``last``; a claim's
-``higher: true`` makes higher values the better ones (accuracies, PSNR). A ``better`` claim
+``factor`` (others / variant >= min_factor), ``top`` (among the k best), ``last``; which way is
+better comes from the platform's table (flowmatch.metrics.directions: accuracies and PSNR higher, losses
+and distances lower), which ``load_study`` writes into each claim as ``higher``. A ``better`` claim
 that holds on the means while a gap is narrower than 2 standard errors of the seed-paired
 differences is marked ≈ (not resolved). The verdict is "agrees" when every claim holds clearly,
 "does not agree" when none holds even on the means, else "agrees in part".

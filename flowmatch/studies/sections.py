@@ -7,7 +7,7 @@
 * ``kind: reflow``: the columns' means per variant beside the paper's numbers, and the factors
   between variants;
 * ``kind: comparison`` (architectures, latent channels, QK-norm, reflow on images): the columns' means
-  per variant (a column's ``higher: true`` marks higher-is-better), optional paper values
+  per variant (which way is better from flowmatch.metrics.directions, as ``higher``), optional paper values
   (``paper.values: {variant: {column label or metric: number}}``), bar plots per column, optional
   ``curves`` (metrics over training: a table and a plot) and an optional ``sweep`` (``x_label``,
   ``log_x``, ``series: {name: {variant: x}}``): each column against x, one line per series.
@@ -56,14 +56,16 @@ def ranking_section(study: Study, runs: Runs, out_dir: Path, rel: str) -> Sectio
 
 
 def _per_seed_ranks(runs: Runs, variants: list[str], seeds: list[int], columns: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """Column label -> variant -> its rank at each seed (1 = lowest metric)."""
+    """Column label -> variant -> its rank at each seed (1 = the best metric: the lowest, or the highest where
+    higher is better)."""
     from scipy.stats import rankdata
 
     ranks: dict[str, dict[str, list[float]]] = {}
     for col in columns:
         per = {v: [] for v in variants}
+        sign = -1.0 if col.get("higher") else 1.0
         for s in seeds:
-            r = rankdata([runs[(v, s)].metrics[col["metric"]] for v in variants])
+            r = rankdata([sign * runs[(v, s)].metrics[col["metric"]] for v in variants])
             for v, rv in zip(variants, r):
                 per[v].append(float(rv))
         ranks[col["label"]] = per

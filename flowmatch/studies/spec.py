@@ -45,6 +45,8 @@ from typing import Any
 
 import yaml
 
+from flowmatch.metrics.directions import declared_direction
+
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "experiments" / "studies"
 BUDGETS = ("small", "medium", "large")
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -269,7 +271,21 @@ def load_study(name: str, directory: Path = STUDIES_DIR) -> Study:
     return Study(name=study_name, path=path, description=str(raw.get("description", "")).strip(),
                  experiment=str(raw.get("experiment", "studies")), variants=variants, budgets=budgets,
                  overrides=_mapping(raw.get("overrides"), f"{path}: overrides"), reflow=_mapping(raw.get("reflow"), f"{path}: reflow"),
-                 report=_mapping(raw.get("report"), f"{path}: report"), latents=_latents_options(raw.get("latents"), f"{path}: latents"))
+                 report=_report_directions(_mapping(raw.get("report"), f"{path}: report"), path),
+                 latents=_latents_options(raw.get("latents"), f"{path}: latents"))
+
+
+def _report_directions(report: dict, path: Path) -> dict:
+    """Each column's and metric claim's ``higher`` from the platform's direction table (flowmatch.metrics.directions):
+    a study may repeat it, not contradict it."""
+    for key in ("columns", "claims"):
+        for i, item in enumerate(report.get(key) or []):
+            if isinstance(item, dict) and item.get("metric"):
+                try:
+                    item["higher"] = declared_direction(str(item["metric"]), item.get("higher"), f"{path}: report.{key}[{i}]")
+                except ValueError as err:
+                    raise StudyError(str(err)) from None
+    return report
 
 
 def _latents_options(value: Any, where: str) -> dict[str, Any]:
