@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,33 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory, trained_digit_classifier):
+    """The main job, tiny (helpers_main_job), fitted once per session in a fresh working directory."""
+    from cli_utils import checkpoint_from_output, run_cli
+    from helpers_main_job import EXPERIMENT, SHORT
+
+    work = tmp_path_factory.mktemp("main_job")
+    # the feature network where the experiment looks for it (trained by the CLI once per test session)
+    feature_net = work / "runs/feature_networks/digits_classifier/last.ckpt"
+    feature_net.parent.mkdir(parents=True)
+    shutil.copy(trained_digit_classifier["path"], feature_net)
+    fit = run_cli(["fit", "--config", EXPERIMENT, *SHORT], cwd=work, timeout=600, extra_env={"OMP_NUM_THREADS": "1"})
+    assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-4000:]
+    return {"work": work, "ckpt": checkpoint_from_output(fit.stdout), "fit": fit}
+
+
+@pytest.fixture(scope="session")
+def main_job_tested(main_job):
+    """`python -m flowmatch test` of the main job's checkpoint (three samplers), once per session: it logs into the fit's run."""
+    from cli_utils import run_cli
+    from helpers_main_job import EXPERIMENT, TEST_SAMPLERS, TINY
+
+    work = main_job["work"]
+    (work / "test_samplers.yaml").write_text(TEST_SAMPLERS)
+    test = run_cli(["test", "--config", EXPERIMENT, "--config", "test_samplers.yaml", *TINY, "--ckpt_path", main_job["ckpt"],
+                    "--trainer.enable_progress_bar", "false"], cwd=work, timeout=600, extra_env={"OMP_NUM_THREADS": "1"})
+    assert test.returncode == 0, test.stderr[-4000:]
+    return test

@@ -5,43 +5,16 @@ MM-DiT; then `test` of its checkpoint (the table of Fréchet distance and captio
 
 The full-size run (1,200 steps of the depth-4 model) and its targets are measured in docs/main_job.md."""
 
-import shutil
 from pathlib import Path
 
 import mlflow
 import pytest
 from PIL import Image
 
-from cli_utils import checkpoint_from_output, run_cli
+from cli_utils import run_cli
+from helpers_main_job import EXPERIMENT, TEST_SAMPLERS, TINY
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT = REPO / "experiments/mmdit_d16.yaml"
-TINY = ["--model.init_args.network.init_args.depth", "2"]  # hidden 128, 2 heads: ~1.2M parameters
-SHORT = [*TINY, "--trainer.max_steps", "16", "--trainer.val_check_interval", "8", "--data.init_args.steps_per_epoch", "8",
-         "--data.init_args.num_workers", "1", "--trainer.log_every_n_steps", "4", "--trainer.enable_progress_bar", "false"]
-# `test` with fewer samplers than the experiment's ten (dopri5 on an untrained model costs ~50 NFE a sample)
-TEST_SAMPLERS = """\
-trainer:
-  callbacks:
-  - class_path: flowmatch.callbacks.EMA
-    init_args: {decay: 0.999}
-  - class_path: flowmatch.callbacks.ImageSampleMetrics
-    init_args:
-      samplers: [euler2]
-      test_samplers: [euler1, "euler2:cfg=3", dopri5]
-"""
-
-
-@pytest.fixture(scope="module")
-def main_job(tmp_path_factory, trained_digit_classifier):
-    work = tmp_path_factory.mktemp("main_job")
-    # the feature network where the experiment looks for it (trained by the CLI once per test session)
-    feature_net = work / "runs/feature_networks/digits_classifier/last.ckpt"
-    feature_net.parent.mkdir(parents=True)
-    shutil.copy(trained_digit_classifier["path"], feature_net)
-    fit = run_cli(["fit", "--config", EXPERIMENT, *SHORT], cwd=work, timeout=600, extra_env={"OMP_NUM_THREADS": "1"})
-    assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-4000:]
-    return {"work": work, "ckpt": checkpoint_from_output(fit.stdout), "fit": fit}
 
 
 def _run(work: Path):
@@ -72,13 +45,9 @@ def test_fit_prepares_the_demo_and_tracks_sample_quality_in_mlflow(main_job):
     assert grid.size == (10 * 34 + 2, 3 * 34 + 2)  # 10 class captions; rows: real held-out digits, then each sampler
 
 
-def test_test_prints_the_table_and_logs_stable_names(main_job):
+def test_test_prints_the_table_and_logs_stable_names(main_job, main_job_tested):
     work = main_job["work"]
-    (work / "test_samplers.yaml").write_text(TEST_SAMPLERS)
-    test = run_cli(["test", "--config", EXPERIMENT, "--config", "test_samplers.yaml", *TINY, "--ckpt_path", main_job["ckpt"],
-                    "--trainer.enable_progress_bar", "false"], cwd=work, timeout=600, extra_env={"OMP_NUM_THREADS": "1"})
-    assert test.returncode == 0, test.stderr[-4000:]
-    out = test.stdout
+    out = main_job_tested.stdout
     assert "test: sample quality (EMA weights; FD of real vs real held-out halves" in out
     table = out[out.index("test: sample quality"):].splitlines()
     assert "caption acc" in table[1] and "FD/real" in table[1]

@@ -211,6 +211,7 @@ class FlowCLI(LightningCLI):
             spec.init_args.tags = tags
             return info
         spec.init_args.run_id = run_id
+        info["into_run"] = True
         return info
 
     # --- the trainer: the platform's callbacks, atomic checkpoint files ---------------------------------
@@ -228,14 +229,16 @@ class FlowCLI(LightningCLI):
         for cb in trainer.callbacks:
             if isinstance(cb, MLflowSaveConfig) and resumed and not resumed.get("new_run"):
                 cb.resumed_from = resumed
-            if isinstance(cb, MLflowSaveConfig) and evaluated and not evaluated.get("new_run") and evaluated.get("run_id"):
+            if isinstance(cb, MLflowSaveConfig) and evaluated and evaluated.get("into_run"):
                 cb.evaluated = evaluated
-        if evaluated and not evaluated.get("new_run") and evaluated.get("run_id"):
-            from flowmatch.tracking.evaluation_run import log_evaluation_into_run
+        if evaluated:
+            from flowmatch.tracking.evaluation_run import log_at_checkpoint_step, log_evaluation_into_run
 
             for logger in trainer.loggers:
-                if isinstance(logger, MLFlowLogger) and logger.run_id == evaluated["run_id"]:
-                    log_evaluation_into_run(logger, str(self.subcommand))
+                if isinstance(logger, MLFlowLogger):
+                    log_at_checkpoint_step(logger, int(evaluated.get("step", 0)))
+                    if evaluated.get("into_run") and logger.run_id == evaluated.get("run_id"):
+                        log_evaluation_into_run(logger, str(self.subcommand))
         return trainer
 
     def _platform_callbacks(self, trainer_config, configured: list, checkpoint: list) -> list:

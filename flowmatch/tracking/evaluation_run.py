@@ -28,6 +28,19 @@ def evaluation_outcome(status: str) -> str:
     return "FAILED" if status == "failed" else "FINISHED"
 
 
+def log_at_checkpoint_step(logger: MLFlowLogger, step: int) -> None:
+    """Log the evaluation's metrics and images at the checkpoint's training step. (Lightning logs a validate /
+    test at step 0, since only ``fit`` restores the loops' counters: in the training run that would put a
+    point at step 0 of its validation curve.) log_image_to_loggers reads ``evaluated_step``."""
+    log_metrics = logger.log_metrics
+
+    def log_metrics_at_step(metrics, step_given=None):
+        return log_metrics(metrics, step)
+
+    logger.log_metrics = log_metrics_at_step
+    logger.evaluated_step = step
+
+
 def log_evaluation_into_run(logger: MLFlowLogger, stage: str) -> None:
     """Make ``logger`` (pointed at the training run) end the evaluation without ending the run again."""
 

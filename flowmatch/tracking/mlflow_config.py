@@ -83,8 +83,8 @@ def log_image_to_loggers(trainer, image: np.ndarray, key: str, step: int) -> Non
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
-        if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_image(logger.run_id, image, key=key, step=step)
+        if isinstance(logger, MLFlowLogger):  # (a validate / test of a checkpoint: at its step, tracking.evaluation_run)
+            logger.experiment.log_image(logger.run_id, image, key=key, step=getattr(logger, "evaluated_step", step))
 
 
 class MLflowSaveConfig(SaveConfigCallback):
