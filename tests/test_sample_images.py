@@ -146,6 +146,16 @@ def test_prompts_to_pngs_grid_and_arrays_through_the_cli(ckpt, shards, tmp_path)
     assert info["seconds"] > 0 and info["guidance"] == 1.0 and info["seed"] == 0 and info["data"]["from"] == "checkpoint"
     assert [i["prompt"] for i in info["images"]] == ["a 7", "a 7", "a thick three", "a thick three"]
     assert info["grid_png"]["rows"] == 2 and info["grid_png"]["cols"] == 2
+    # the captioned grid: the same grid on the right, each prompt written (dark pixels) left of its row, nothing else
+    captioned = np.asarray(Image.open(out / "grid_captioned.png").convert("L")).astype(int)
+    grid = np.asarray(Image.open(out / "grid.png").convert("L")).astype(int)
+    assert captioned.shape[0] == grid.shape[0] and captioned.shape[1] > grid.shape[1]
+    np.testing.assert_array_equal(captioned[:, -grid.shape[1]:], grid)
+    margin = captioned[:, : captioned.shape[1] - grid.shape[1]]
+    ink_rows = np.nonzero((margin < 128).any(axis=1))[0]
+    assert ink_rows.size and ink_rows.min() > 2 and ink_rows.max() < grid.shape[0] - 2
+    assert (margin[: grid.shape[0] // 2] < 128).any() and (margin[grid.shape[0] // 2 :] < 128).any()  # a caption per row
+    assert info["grid_captioned_png"] == "grid_captioned.png"
 
 
 def test_seed_repeats_guidance_and_negative_prompt_change_the_images(ckpt, tmp_path, capsys):
@@ -198,6 +208,7 @@ def test_text_model_without_prompts_samples_unconditionally(ckpt, tmp_path, caps
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == [f"000{i}_unconditional.png" for i in range(3)]
     assert np.load(tmp_path / "out" / "samples.npy").shape == (3, 1, 32, 32)
     assert Image.open(tmp_path / "out" / "grid.png").size == (2 * 130 + 2, 2 * 130 + 2)  # 2 x 2 cells, one blank
+    assert not (tmp_path / "out" / "grid_captioned.png").exists() and info["grid_captioned_png"] is None  # no prompts
 
 
 def test_old_checkpoint_takes_the_data_from_data_dir(old_ckpt, shards, tmp_path, capsys):

@@ -8,7 +8,8 @@ decoded to images:
     python -m flowmatch sample --ckpt last.ckpt --prompts "a 7" "a thick three" --num 4 --steps 25 --guidance 4 --out samples/
 
 writes OUT/images/0000_a-7.png ... (one PNG per image, prompt by prompt), OUT/grid.png (one row per
-prompt; column j starts from the same noise in every row), OUT/samples.npy (decoded images, float32
+prompt; column j starts from the same noise in every row), OUT/grid_captioned.png (the same with each
+prompt written beside its row), OUT/samples.npy (decoded images, float32
 (N, C, H, W) in [-1, 1]), OUT/latents.npy (the generated normalised latents) and OUT/samples.json
 (settings, prompts, NFE, seconds). --num is the number of images per prompt. --prompts_file takes one
 prompt per line. A prompt longer than a text encoder's max_length is truncated, with a warning.
@@ -429,9 +430,27 @@ def _enlarge(images: np.ndarray, factor: int) -> np.ndarray:
     return images if factor == 1 else images.repeat(factor, axis=-2).repeat(factor, axis=-1)
 
 
-def write_images(out: Path, images: np.ndarray, names: list[str], rows: int, cols: int, factor: int) -> dict:
+def captioned_grid(grid: np.ndarray, captions: list[str], rows: int) -> np.ndarray:
+    """The grid with each row's caption written to its left (the picture a reader looks at first)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height = grid.shape[0]
+    row_h = (height - 2) / rows
+    font = ImageFont.load_default(size=max(10, min(16, int(row_h * 0.3))))
+    width = 12 + max(int(font.getlength(c)) for c in captions)
+    canvas = Image.new("RGB", (width + grid.shape[1], height), "white")
+    canvas.paste(Image.fromarray(grid), (width, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, caption in enumerate(captions[:rows]):
+        draw.text((6, int(1 + (i + 0.5) * row_h)), caption, fill="black", font=font, anchor="lm")
+    return np.asarray(canvas)
+
+
+def write_images(out: Path, images: np.ndarray, names: list[str], rows: int, cols: int, factor: int,
+                 captions: list[str] | None = None) -> dict:
     """OUT/images/NAME.png per image, and OUT/grid.png: ``rows`` x ``cols`` cells filled row by row
-    (empty cells white), at most 64 x 16 of them shown. Returns the grid's shown rows and columns."""
+    (empty cells white), at most 64 x 16 of them shown; with ``captions`` (one per row: the prompts) also
+    OUT/grid_captioned.png, the prompts written beside their rows. Returns the grid's shown rows and columns."""
     from PIL import Image
 
     from flowmatch.callbacks.plots import image_grid
@@ -446,7 +465,10 @@ def write_images(out: Path, images: np.ndarray, names: list[str], rows: int, col
     cells[: len(images)] = images
     shown_rows, shown_cols = min(rows, 64), min(cols, 16)
     shown = cells.reshape(rows, cols, *images.shape[1:])[:shown_rows, :shown_cols].reshape(-1, *images.shape[1:])
-    Image.fromarray(image_grid(_enlarge(shown, factor), ncols=shown_cols)).save(out / "grid.png")
+    grid = image_grid(_enlarge(shown, factor), ncols=shown_cols)
+    Image.fromarray(grid).save(out / "grid.png")
+    if captions:
+        Image.fromarray(captioned_grid(grid, captions, shown_rows)).save(out / "grid_captioned.png")
     return {"rows": shown_rows, "cols": shown_cols}
 
 
@@ -483,7 +505,7 @@ def _main_images(args, p: Plan) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    grid = write_images(out, images, names, rows, cols, factor)
+    grid = write_images(out, images, names, rows, cols, factor, captions=p.prompts)
     np.save(out / "samples.npy", images.astype(np.float32))
     np.save(out / "latents.npy", latents.astype(np.float32))
     config = p.config
@@ -505,6 +527,7 @@ def _main_images(args, p: Plan) -> int:
         "images": [{"file": f"images/{n}", "prompt": p.prompts[i // p.num] if p.prompts is not None else None}
                    for i, n in enumerate(names)],
         "grid_png": {"file": "grid.png", **grid}, "upscale": factor,
+        "grid_captioned_png": "grid_captioned.png" if p.prompts is not None else None,
         "warnings": p.notes,
     }
     (out / "samples.json").write_text(json.dumps(info, indent=2))
