@@ -90,7 +90,7 @@ def test_an_evaluation_in_the_training_run_keeps_its_status_and_end_time(tmp_pat
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
-    from flowmatch.tracking.evaluation_run import log_evaluation_into_run
+    from flowmatch.tracking.evaluation_run import log_at_checkpoint_step, log_evaluation_into_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -99,13 +99,15 @@ def test_an_evaluation_in_the_training_run_keeps_its_status_and_end_time(tmp_pat
     client.set_terminated(run_id, "FINISHED")
     before = client.get_run(run_id).info
     logger = MLFlowLogger(tracking_uri=uri, run_id=run_id)
+    log_at_checkpoint_step(logger, 1200)
     log_evaluation_into_run(logger, "test")
-    logger.log_metrics({"test/loss": 0.5}, step=16)
+    logger.log_metrics({"test/loss": 0.5}, step=0)  # what Lightning passes in a test (only fit restores its step)
     logger.finalize(outcome)
     after = client.get_run(run_id)
     assert after.info.status == "FINISHED" and after.info.end_time == before.end_time
     assert after.data.tags["flowmatch.test_status"] == ("FAILED" if outcome == "failed" else "FINISHED")
     assert after.data.metrics["test/loss"] == 0.5
+    assert [m.step for m in client.get_metric_history(run_id, "test/loss")] == [1200]
     plain = MLFlowLogger(tracking_uri=uri, run_id=run_id)  # Lightning's own logger would end the run again
     plain.log_metrics({"test/loss": 0.5}, step=16)
     plain.finalize("failed")
