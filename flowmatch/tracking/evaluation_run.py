@@ -34,9 +34,10 @@ def log_at_checkpoint_step(logger: MLFlowLogger, step: int) -> None:
     point at step 0 of its validation curve.) log_image_to_loggers reads ``evaluated_step``."""
     log_metrics = logger.log_metrics
 
-    def log_metrics_at_step(metrics, step_given=None):
-        return log_metrics(metrics, step)
+    def log_metrics_at_step(metrics, step=None):  # (Lightning passes step= by keyword)
+        return log_metrics(metrics, checkpoint_step)
 
+    checkpoint_step = step
     logger.log_metrics = log_metrics_at_step
     logger.evaluated_step = step
 
