@@ -2,7 +2,6 @@
 
 import contextlib
 import io
-import shutil
 from pathlib import Path
 
 import pytest
@@ -47,17 +46,9 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def main_job(tmp_path_factory, trained_digit_classifier):
     """The main job, tiny (helpers_main_job), fitted once per session in a fresh working directory."""
-    from cli_utils import checkpoint_from_output, run_cli
-    from helpers_main_job import EXPERIMENT, SHORT
+    from helpers_main_job import EXPERIMENT, SHORT, fit_in_fresh_directory
 
-    work = tmp_path_factory.mktemp("main_job")
-    # the feature network where the experiment looks for it (trained by the CLI once per test session)
-    feature_net = work / "runs/feature_networks/digits_classifier/last.ckpt"
-    feature_net.parent.mkdir(parents=True)
-    shutil.copy(trained_digit_classifier["path"], feature_net)
-    fit = run_cli(["fit", "--config", EXPERIMENT, *SHORT], cwd=work, timeout=600, extra_env={"OMP_NUM_THREADS": "1"})
-    assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-4000:]
-    return {"work": work, "ckpt": checkpoint_from_output(fit.stdout), "fit": fit}
+    return fit_in_fresh_directory(tmp_path_factory.mktemp("main_job"), trained_digit_classifier["path"], EXPERIMENT, SHORT)
 
 
 @pytest.fixture(scope="session")

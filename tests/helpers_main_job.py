@@ -2,7 +2,10 @@
 fresh working directory, then `test` of its checkpoint with three samplers (fixtures main_job / main_job_tested in
 conftest.py, shared by test_main_job.py and test_compare.py)."""
 
+import shutil
 from pathlib import Path
+
+from cli_utils import checkpoint_from_output, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments/mmdit_d16.yaml"
@@ -20,3 +23,14 @@ trainer:
       samplers: [euler2]
       test_samplers: [euler1, "euler2:cfg=3", dopri5]
 """
+
+
+def fit_in_fresh_directory(work: Path, classifier: Path, experiment: Path, args: list[str]) -> dict:
+    """`fit --config EXPERIMENT ARGS` in the empty directory ``work``, with the session's trained digit classifier
+    where the experiment looks for its feature network; {"work", "ckpt", "fit"}."""
+    feature_net = work / "runs/feature_networks/digits_classifier/last.ckpt"
+    feature_net.parent.mkdir(parents=True)
+    shutil.copy(classifier, feature_net)
+    fit = run_cli(["fit", "--config", experiment, *args], cwd=work, timeout=600, extra_env={"OMP_NUM_THREADS": "1"})
+    assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-4000:]
+    return {"work": work, "ckpt": checkpoint_from_output(fit.stdout), "fit": fit}

@@ -4,13 +4,13 @@ the clear refusal when the checkpoint is validated under the MM-DiT experiment.
 
 The full-size run (1,200 steps of configs/model/flux_demo.yaml) is measured in docs/models.md."""
 
-import shutil
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from cli_utils import checkpoint_from_output, run_cli
+from cli_utils import run_cli
+from helpers_main_job import fit_in_fresh_directory
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments/flux_d16.yaml"
@@ -22,13 +22,7 @@ SHORT = [*TINY, "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
 
 @pytest.fixture(scope="module")
 def flux_job(tmp_path_factory, trained_digit_classifier):
-    work = tmp_path_factory.mktemp("flux_job")
-    feature_net = work / "runs/feature_networks/digits_classifier/last.ckpt"
-    feature_net.parent.mkdir(parents=True)
-    shutil.copy(trained_digit_classifier["path"], feature_net)
-    fit = run_cli(["fit", "--config", EXPERIMENT, *SHORT], cwd=work, timeout=600, extra_env={"OMP_NUM_THREADS": "1"})
-    assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-4000:]
-    return {"work": work, "ckpt": checkpoint_from_output(fit.stdout)}
+    return fit_in_fresh_directory(tmp_path_factory.mktemp("flux_job"), trained_digit_classifier["path"], EXPERIMENT, SHORT)
 
 
 def test_fit_tracks_a_flux_run_in_mlflow(flux_job):
