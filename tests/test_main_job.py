@@ -40,8 +40,9 @@ def test_fit_prepares_the_demo_and_tracks_sample_quality_in_mlflow(main_job):
     assert (tags["objective"], tags["model"], tags["time_sampler"]) == ("RectifiedFlow", "MMDiT", "LogitNormalTime")
     assert params["model.network.qk_norm"] == "True" and params["model.time_sampler.s"] == "1.0"
     images = [a.path for a in client.list_artifacts(fit_run.info.run_id, "images") if a.path.endswith(".png")]
-    assert any("samples" in p for p in images), images  # the sample grid of each validation
-    grid = Image.open(client.download_artifacts(fit_run.info.run_id, sorted(p for p in images if "samples" in p)[-1], str(work)))
+    val_grids = sorted(p for p in images if p.rsplit("/", 1)[-1].startswith("samples+"))  # (not `test`'s test_samples)
+    assert val_grids, images  # the sample grid of each validation
+    grid = Image.open(client.download_artifacts(fit_run.info.run_id, val_grids[-1], str(work)))
     assert grid.size == (10 * 34 + 2, 3 * 34 + 2)  # 10 class captions; rows: real held-out digits, then each sampler
 
 
