@@ -12,6 +12,36 @@ CLASSIFIER_CONFIG = REPO / "configs/classifier/digits.yaml"
 CLASSIFIER_SHORT = ["--trainer.max_epochs", "4", "--trainer.check_val_every_n_epoch", "4"]
 
 
+# The quick tier, `python -m pytest -q -m "not slow"`, leaves out the tests that train or serve for tens of seconds
+# (real fits in subprocesses, DeepSpeed / torchrun process groups, MLflow servers, studies); CI runs everything.
+# module -> the slow tests in it (None: all of them). Chosen from `--durations=40` of the whole suite (docs/testing.md).
+SLOW = {
+    "test_tracking_outage": None, "test_team_tracking": None, "test_multinode": None, "test_lora_fit": None,
+    "test_toy_experiments": None, "test_distributed_faults": None, "test_resume": None, "test_resume_extend": None,
+    "test_main_job": None, "test_flux_cli": None, "test_mlflow_server": None, "test_study_latents": None,
+    "test_deepspeed": None, "test_reflow": None,
+    "test_compare": {"test_report_of_a_fit_its_test_and_seeded_variants"},
+    "test_cli": {"test_fit_validate_sample_roundtrip_with_mlflow", "test_bad_config_exits_nonzero_and_names_the_key",
+                 "test_bad_checkpoint_paths_are_reported"},
+    "test_study": {"test_a_real_study_runs_resumes_and_is_written_up"},
+    "test_study_comparison": {"test_a_study_keeps_a_diverged_fit_as_its_result"},
+    "test_import_sd3_cli": {"test_import_load_compare_and_finetune"},
+    "test_bucket_stream": {"test_a_finished_fit_extended_equals_the_uninterrupted_fit", "test_fit_resumed_mid_pass_ends_at_the_same_weights",
+                           "test_test_reports_every_bucket_and_the_judge_reads_real_pictures"},
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains or serves for tens of seconds; left out of the quick tier (-m 'not slow')")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW and (SLOW[module] is None or item.originalname in SLOW[module]):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def trained_digit_classifier(tmp_path_factory):
     """The demo's feature network, trained once per session by ensure_feature_network, i.e. by
