@@ -67,7 +67,12 @@ def store(tmp_path_factory):
         for seed, jitter in ((0, 0.0), (1, 0.2)):
             ids.append(_log_run(client, seeds, f"s.{variant}.seed{seed}", "RectifiedFlow", "0.001" if variant == "small_lr" else "0.004",
                                 scale + jitter, tags={"study": "s", "variant": variant, "seed": str(seed), "budget": "small"}))
-    return uri, ids
+    legacy = client.create_experiment("legacy", artifact_location=str(root / "artifacts_legacy"))
+    fit = _log_run(client, legacy, "old_fit", "RectifiedFlow", "0.002", 1.0, tags={"stage": "fit"})
+    test = client.create_run(legacy, run_name="old_fit", tags={"stage": "test"}).info.run_id  # how older releases logged `test`
+    client.log_metric(test, "test/w2_euler8", 0.42, step=0)
+    client.set_terminated(test)
+    return uri, ids + [fit, test]
 
 
 def _section(page: str, heading: str) -> str:
@@ -174,6 +179,16 @@ def test_seeds_fold_into_mean_and_spread_and_two_columns_diff(store, tmp_path, c
     assert flowmatch_main(["compare", "--tracking_uri", uri, "--experiment", "seeds", "--variant", "big_lr", "--group_by", "none",
                            "--out", str(tmp_path / "one")]) == 0
     assert "compared 2 runs in 2 columns" in capsys.readouterr().out
+
+
+def test_a_separate_test_run_of_an_older_release_folds_into_its_fit(store, tmp_path, capsys):
+    uri, ids = store
+    out = tmp_path / "legacy"
+    assert flowmatch_main(["compare", "--tracking_uri", uri, "--experiment", "legacy", "--out", str(out)]) == 0
+    assert "in 1 columns" in capsys.readouterr().out
+    page = (out / "index.html").read_text()
+    assert _rows(_section(page, "Metrics"))["test/w2_euler8"][1] == "0.42"
+    assert f"{ids[-1][:8]} (a separate run of an older release, matched by name)" in _section(page, "Runs")
 
 
 def test_filters_and_errors(store, tmp_path, capsys):

@@ -429,6 +429,10 @@ def render_html(columns: list[Column], figures: dict[str, bytes | None], image_f
               ("run id", [", ".join(r.run_id for r in c.runs) for c in columns]),
               ("status", [" / ".join(dict.fromkeys(r.status for r in c.runs)) for c in columns]),
               ("tested at step", [" / ".join(dict.fromkeys(r.tags.get("flowmatch.test_at_step", "—") for r in c.runs)) for c in columns]),
+              ("evaluation folded in", [" / ".join(dict.fromkeys(
+                  (f"{r.tags['flowmatch.evaluation_folded_by_name'][:8]} (a separate run of an older release, matched by name)"
+                   if "flowmatch.evaluation_folded_by_name" in r.tags else r.tags.get("flowmatch.evaluated_in_run", "—")[:8]) for r in c.runs))
+                  for c in columns]),
               ("git commit", [" / ".join(dict.fromkeys(r.tags.get("mlflow.source.git.commit", "—")[:12] for r in c.runs)) for c in columns])]
     parts.append("<h2>Runs</h2><p class='muted'>One column per trained model: its <code>validate</code> / <code>test</code> "
                  "are logged into its run. Runs sharing a <code>variant</code> tag (the seeds of a study variant) are one column: "

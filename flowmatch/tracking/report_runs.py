@@ -190,13 +190,27 @@ def _fetch_images(client, tracking_uri: str, run_id: str, keys: tuple[str, ...],
 
 
 # --- folding into columns -------------------------------------------------------------------------------------
+def _legacy_parent(run: RunData, earlier: list[RunData]) -> RunData | None:
+    """The fit an evaluation run of the platform's older releases (a separate `test` / `validate` run with no link to
+    its checkpoint's run) most likely evaluated: the latest earlier fit of the same name in the same experiment."""
+    if run.tags.get("stage") not in ("test", "validate") or EVALUATED_RUN_TAG in run.tags:
+        return None
+    fits = [r for r in earlier if r.name == run.name and r.experiment_id == run.experiment_id and r.tags.get("stage") == "fit"]
+    return fits[-1] if fits else None
+
+
 def fold_evaluations(runs: list[RunData]) -> list[RunData]:
     """Runs that evaluated a shown run's checkpoint (tag flowmatch.evaluates_run) merged into it: their metrics
-    and images that the training run lacks are added to it."""
+    and images that the training run lacks are added to it. A separate evaluation run from before evaluations
+    logged into their training run is folded into the latest earlier fit of its name (said in the Runs table)."""
     by_id = {r.run_id: r for r in runs}
     kept = []
-    for r in runs:
+    for i, r in enumerate(runs):
         parent = by_id.get(r.tags.get(EVALUATED_RUN_TAG, ""))
+        if parent is None:
+            parent = _legacy_parent(r, runs[:i])
+            if parent is not None:
+                parent.tags["flowmatch.evaluation_folded_by_name"] = r.run_id
         if parent is None or parent is r:
             kept.append(r)
             continue
