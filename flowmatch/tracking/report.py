@@ -441,7 +441,9 @@ def render_html(columns: list[Column], figures: dict[str, bytes | None], image_f
                  "and the test of the checkpoint (<code>test/</code>). ↑ higher is better, ↓ lower is better (no arrow: "
                  "neither, e.g. the real-vs-real floor <code>fd_real</code>); the best value of each row is in bold. NFE is "
                  "network evaluations per sample (guided samplers: 2 a step)."
-                 + (f" The last column is {esc(diff[1].name)} minus {esc(diff[0].name)}." if diff else "") + "</p>"
+                 + (f" The last column is {esc(diff[1].name)} minus {esc(diff[0].name)}." if diff else "")
+                 + (" The columns train different objectives, whose losses measure different things: compare them by the "
+                    "sample metrics." if len({r.tags.get("objective") for r in runs}) > 1 else "") + "</p>"
                  + metrics_table(columns, diff))
     sections = [("curves", "Loss curves", "<code>val/loss</code> (SD3's average over t-levels but t = 1) and <code>train/loss</code> "
                  "against the step; for a column of several seeds the mean, and the band from the lowest to the highest seed."),
