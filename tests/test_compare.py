@@ -113,6 +113,9 @@ def test_report_contents(store, tmp_path, capsys):
     assert rows["val/w2_euler8"][1] == f"{1 / 8 ** 0.5 + 0.1:.4g}" and rows["val/w2_euler8"][2] == f"<b>{0.7 / 8 ** 0.5 + 0.1:.4g}</b>"
     assert rows["val/caption_acc_euler8"][2].startswith("<b>") and not rows["val/caption_acc_euler8"][1].startswith("<b>")
     assert not any(c.startswith("<b>") for c in rows["val/fd_real"])  # no direction: no best
+    # rf_a and fm_b train different objectives: their losses measure different things, so no loss row has a best
+    assert not any(c.startswith("<b>") for key in ("val/loss", "val/loss_t0.500", "train/loss") for c in rows[key])
+    assert "no loss row names a best" in page
     assert "compare-runs?runs=" in page  # the same view in the MLflow UI
     samples = _section(page, "Samples")
     assert samples.split("<tbody>")[1].count("<tr>") == 2 and "validation step 30" in samples

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from flowmatch.metrics.directions import HIGHER, LOWER, arrow, direction, phrase
+from flowmatch.metrics.directions import HIGHER, LOWER, arrow, direction, phrase, quantity
 from flowmatch.tracking.report_runs import (LEVEL_KEY, Column, ReportError, RunData, fetch_runs, find_column, fold_evaluations,
                                             group_runs)
 
@@ -282,9 +282,22 @@ def metric_rows(columns: list[Column]) -> list[str]:
     return sorted((k for k in keys if k != "epoch" and not k.startswith("data/")), key=rank)
 
 
+def comparable(columns: list[Column], key: str) -> bool:
+    """Whether one column's ``key`` can be better than another's: a loss only between columns of one objective
+    (each objective's loss measures something else); every other metric with a direction always."""
+    if direction(key) is None:
+        return False
+    if quantity(key) == "loss":
+        return len({r.tags.get("objective") for c in columns for r in c.runs}) <= 1
+    return True
+
+
 def best_columns(columns: list[Column], key: str) -> set[int]:
     """Indices of the columns with the best (mean) value of ``key``: none for a metric without a direction, a
-    row that only one column has, or one where all columns tie (the same NFE everywhere)."""
+    loss of columns that train different objectives, a row that only one column has, or one where all columns
+    tie (the same NFE everywhere)."""
+    if not comparable(columns, key):
+        return set()
     d = direction(key)
     means = [(i, ms[0]) for i, c in enumerate(columns) if (ms := c.mean_spread(key)) is not None]
     if d is None or len(means) < 2 or len({v for _, v in means}) == 1:
@@ -308,7 +321,7 @@ def difference(a: Column, b: Column, key: str) -> tuple[str, str] | None:
     delta = mb[0] - ma[0]
     rel = f" ({100 * delta / abs(ma[0]):+.1f}%)" if ma[0] else ""
     d = direction(key)
-    verdict = "" if d is None or delta == 0 else ("better" if (delta > 0) == (d == HIGHER) else "worse")
+    verdict = "" if not comparable([a, b], key) or delta == 0 else ("better" if (delta > 0) == (d == HIGHER) else "worse")
     return f"{delta:+.4g}{rel}", verdict
 
 
@@ -442,8 +455,8 @@ def render_html(columns: list[Column], figures: dict[str, bytes | None], image_f
                  "neither, e.g. the real-vs-real floor <code>fd_real</code>); the best value of each row is in bold. NFE is "
                  "network evaluations per sample (guided samplers: 2 a step)."
                  + (f" The last column is {esc(diff[1].name)} minus {esc(diff[0].name)}." if diff else "")
-                 + (" The columns train different objectives, whose losses measure different things: compare them by the "
-                    "sample metrics." if len({r.tags.get("objective") for r in runs}) > 1 else "") + "</p>"
+                 + (" The columns train different objectives, whose losses measure different things: no loss row names a "
+                    "best or a better; compare them by the sample metrics." if len({r.tags.get("objective") for r in runs}) > 1 else "") + "</p>"
                  + metrics_table(columns, diff))
     sections = [("curves", "Loss curves", "<code>val/loss</code> (SD3's average over t-levels but t = 1) and <code>train/loss</code> "
                  "against the step; for a column of several seeds the mean, and the band from the lowest to the highest seed."),
