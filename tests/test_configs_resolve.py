@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli_utils import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = "experiments/toy2d_rf.yaml"
@@ -134,11 +133,9 @@ def test_no_config_hard_codes_the_tracking_store():
     assert not offenders, f"these set tracking_uri; the store must come from MLFLOW_TRACKING_URI: {offenders}"
 
 
-def test_mlflow_tracking_uri_chooses_the_store(tmp_path):
+def test_mlflow_tracking_uri_chooses_the_store(print_config, tmp_path, monkeypatch):
     store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
-    chosen = run_cli(["fit", "--config", REPO / TOY, "--print_config"], tmp_path, extra_env={"MLFLOW_TRACKING_URI": store})
-    assert chosen.returncode == 0, chosen.stderr[-2000:]
-    assert yaml.safe_load(chosen.stdout)["trainer"]["logger"]["init_args"]["tracking_uri"] == store
-    default = run_cli(["fit", "--config", REPO / TOY, "--print_config"], tmp_path)  # run_cli unsets the variable
-    assert default.returncode == 0, default.stderr[-2000:]
-    assert yaml.safe_load(default.stdout)["trainer"]["logger"]["init_args"]["tracking_uri"] == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert print_config(["--config", str(REPO / TOY)])["trainer"]["logger"]["init_args"]["tracking_uri"] == store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert print_config(["--config", str(REPO / TOY)])["trainer"]["logger"]["init_args"]["tracking_uri"] == "sqlite:///mlflow.db"
