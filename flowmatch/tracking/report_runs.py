@@ -166,6 +166,8 @@ def _fetch_text(client, tracking_uri: str, run_id: str, path: str, dst: Path) ->
 def _fetch_images(client, tracking_uri: str, run_id: str, keys: tuple[str, ...], max_images: int, dst: Path) -> dict[str, list[tuple[int, Path]]]:
     import mlflow.artifacts
 
+    if max_images <= 0:
+        return {}
     try:
         files = [a.path for a in client.list_artifacts(run_id, "images")]
     except Exception:
@@ -181,8 +183,6 @@ def _fetch_images(client, tracking_uri: str, run_id: str, keys: tuple[str, ...],
         if len(items) > max_images:  # evenly spaced over the run, always the last
             idx = sorted({round(i * (len(items) - 1) / (max_images - 1)) for i in range(max_images)}) if max_images > 1 else [len(items) - 1]
             items = [items[i] for i in idx]
-        if max_images <= 0:
-            continue
         dst.mkdir(parents=True, exist_ok=True)
         out[key] = [(step, Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=tracking_uri)))
                     for step, path in items]
