@@ -167,6 +167,27 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.view(b, s, num_heads, -1).transpose(1, 2)
 
 
+#: On CPU, PyTorch's fused SDPA kernel is slow for short sequences in bf16 / fp16: at 48 tokens its forward +
+#: backward takes ~4x the explicit matmul -> softmax -> matmul, at 256 tokens they tie and beyond it wins
+#: (`python benchmarks/bench_attention.py`, docs/benchmarks_backbones.md). Up to this many keys the explicit
+#: form is used there; float32, longer sequences and every other device (GPUs: flash) keep SDPA.
+EXPLICIT_ATTENTION_MAX_KEYS = 192
+
+
+def use_explicit_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :func:`attention` computes these heads explicitly instead of through SDPA (see above)."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] <= EXPLICIT_ATTENTION_MAX_KEYS
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh), masked keys at -inf) v with the softmax in float32 (as autocast runs it);
+    ``mask`` broadcasts to (B, H, S_q, S_k), True = attend."""
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention of (B, H, S, Dh) heads; returns merged heads (B, S_q, H*Dh).
 
@@ -175,7 +196,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     """
     attention_probe.observe(q, k, key_mask)  # a no-op unless an AttentionLogitRecorder is open
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if use_explicit_attention(q, k):
+        out = explicit_attention(q, k, v, mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     b, h, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, h * d)
 
