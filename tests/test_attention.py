@@ -65,3 +65,78 @@ def test_float32_and_long_sequences_keep_sdpa():
     assert not use_explicit_attention(q, k)
     q, k, _ = _heads(s=EXPLICIT_ATTENTION_MAX_KEYS, dtype=torch.bfloat16)
     assert use_explicit_attention(q, k)
+
+
+# ---- compact_tokens: the text tokens attention needs, same output --------------------------------------------------
+
+from flowmatch.networks import crossdit, mmdit  # noqa: E402
+from flowmatch.networks.layers import compact_tokens  # noqa: E402
+
+
+def _text_batch(length=10, dim=12, seed=0):
+    """Five captions: real tokens of lengths 2, 5, 3, 4 then padding, and one null caption (all zeros, all visible)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(5, length, dim, generator=g)
+    mask = torch.zeros(5, length, dtype=torch.bool)
+    for i, n in enumerate([2, 5, 3, length, 4]):
+        mask[i, :n] = True
+    tokens[3] = 0.0  # row 3: the null condition
+    return tokens, mask
+
+
+def test_compact_tokens_cuts_padding_and_folds_a_null_caption_into_one_token():
+    tokens, mask = _text_batch()
+    kept, bias = compact_tokens(tokens, mask)
+    assert kept.shape == (5, 5, 12) and bias.dtype == torch.float32  # the longest caption has 5 tokens
+    torch.testing.assert_close(kept, tokens[:, :5])
+    assert torch.isfinite(bias[0, :2]).all() and torch.isinf(bias[0, 2:]).all()
+    assert bias[3, 0].item() == pytest.approx(torch.log(torch.tensor(10.0)).item())  # one token standing for ten
+    assert torch.isinf(bias[3, 1:]).all()
+
+
+def test_compact_tokens_leaves_what_it_cannot_shorten_untouched():
+    tokens = torch.randn(3, 6, 4)
+    assert compact_tokens(tokens, None) == (tokens, None)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, 2:] = False
+    out_tokens, out_mask = compact_tokens(tokens, mask)
+    assert out_tokens is tokens and out_mask is mask  # another row uses every column
+
+
+def _networks():
+    torch.manual_seed(0)
+    nets = [mmdit.MMDiT(depth=2, in_channels=4, pooled_dim=8, context_dim=12, qk_norm=True, pos_embed_max_size=8, learned_null=True),
+            crossdit.CrossDiT(depth=2, hidden_size=64, num_heads=2, in_channels=4, pooled_dim=8, context_dim=12, input_size=8,
+                              learned_null=True)]
+    for net in nets:
+        for p in net.parameters():  # away from the zero init, so every block matters
+            torch.nn.init.normal_(p, std=0.2)
+    return nets
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["mmdit", "crossdit"])
+def test_networks_give_the_same_output_and_gradients_with_compacted_text(index, monkeypatch):
+    net = _networks()[index]
+    module = mmdit if index == 0 else crossdit
+    tokens, mask = _text_batch()
+    g = torch.Generator().manual_seed(3)
+    z, t, pooled = torch.randn(5, 4, 8, 8, generator=g), torch.rand(5, generator=g), torch.randn(5, 8, generator=g)
+    mask[3] = True
+    net.eval()
+
+    def run():
+        net.zero_grad()
+        null = net.null_condition({"pooled": pooled, "tokens": tokens, "mask": mask})["tokens"]  # the learned null vector
+        row3 = (torch.arange(5) == 3)[:, None, None]
+        out = net(z, t, {"pooled": pooled, "tokens": torch.where(row3, null, tokens), "mask": mask})
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    out, grads = run()
+    monkeypatch.setattr(module, "compact_tokens", lambda tk, mk: (tk, mk))  # every token through every block
+    ref, ref_grads = run()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        scale = ref_grads[name].abs().max().item()  # float32 rounding, relative to the tensor's scale
+        assert (grads[name] - ref_grads[name]).abs().max().item() <= 5e-5 * max(scale, 1.0), name

@@ -49,7 +49,8 @@ def observe(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = No
     with torch.no_grad():
         logits = (q.float() @ k.float().transpose(-1, -2)).abs_() * (1.0 / math.sqrt(q.shape[-1]))
         if key_mask is not None:  # padding keys never reach the softmax
-            logits = logits.masked_fill(~key_mask[:, None, None, :], 0.0)
+            visible = key_mask if key_mask.dtype == torch.bool else torch.isfinite(key_mask)
+            logits = logits.masked_fill(~visible[:, None, None, :], 0.0)
         value = float(logits.amax())
     for rec in _open:
         rec._update(value)

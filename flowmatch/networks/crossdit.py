@@ -31,6 +31,7 @@ from flowmatch.networks.layers import (
     SelfAttention,
     VectorEmbedder,
     check_mask,
+    compact_tokens,
     modulate,
     param_dtype,
 )
@@ -145,8 +146,8 @@ class CrossDiT(PatchTransformer):
         cond = self.drop_condition(cond)
         dtype = param_dtype(self)
         vector = self.y_embedder(cond["pooled"].to(dtype)) if self.pooled_dim else None
-        tokens = cond["tokens"]
-        return vector, (self.context_embedder(tokens.to(dtype)), check_mask(cond.get("mask"), tokens, "mask"))
+        tokens, mask = compact_tokens(cond["tokens"], check_mask(cond.get("mask"), cond["tokens"], "mask"))  # same output, fewer tokens
+        return vector, (self.context_embedder(tokens.to(dtype)), mask)
 
     def run_block(self, block: CrossDiTBlock, x: torch.Tensor, c: torch.Tensor, context):
         """Self-attention, cross-attention to the (fixed) embedded tokens, MLP."""

@@ -11,6 +11,7 @@ which refuses a state dict of another architecture with the names and shapes tha
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -180,25 +181,28 @@ def use_explicit_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh), masked keys at -inf) v with the softmax in float32 (as autocast runs it);
-    ``mask`` broadcasts to (B, H, S_q, S_k), True = attend."""
+    """softmax(q k^T / sqrt(Dh) + mask) v with the softmax in float32 (as autocast runs it); ``mask`` broadcasts
+    to (B, H, S_q, S_k): bool (True = attend, False = -inf) or a float bias added to the logits."""
     scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention of (B, H, S, Dh) heads; returns merged heads (B, S_q, H*Dh).
 
-    ``key_mask``: optional bool (B, S_k), True = the key may be attended to. Every row must keep at
-    least one key (callers guarantee it).
+    ``key_mask``: optional (B, S_k), either bool (True = the key may be attended to) or a float bias added
+    to the keys' logits (-inf hides a key; log n makes one key count as n equal ones: :func:`compact_tokens`).
+    Every row must keep at least one key (callers guarantee it).
     """
     attention_probe.observe(q, k, key_mask)  # a no-op unless an AttentionLogitRecorder is open
     mask = None if key_mask is None else key_mask[:, None, None, :]
     if use_explicit_attention(q, k):
         out = explicit_attention(q, k, v, mask)
     else:
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)  # SDPA wants a float bias in the queries' dtype
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     b, h, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, h * d)
@@ -345,6 +349,57 @@ def drop_tokens(
     if mask is not None and dropped is not None:
         mask = mask | dropped[:, None]
     return tokens, mask
+
+
+def compact_tokens(tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fewest tokens of a text stream (B, L, D) that attention needs, with the same result (to rounding).
+
+    Text tokens are most of a small model's work (the main job: 32 text tokens per 16 image tokens), and much
+    of them changes nothing:
+    - columns after the last visible token of every row (the padding of short captions) are cut;
+    - a row whose L tokens are all visible and all one vector (the null condition of guidance, and every
+      caption dropped in training: L zero tokens) keeps one of them, which stands for all L: it gets log L
+      added to its logits (L equal keys weigh L e^s in the softmax), and as a query it gets the output each
+      of the L would get. Its other columns are hidden.
+
+    ``mask``: bool (B, L), True = visible, or None (all visible). Returns (tokens (B, L', D), key mask):
+    unchanged (the same tensors) when nothing can be saved, else the first L' columns with a float32 key
+    bias (B, L'): 0 visible, -inf hidden, log L for a row's one standing token.
+    """
+    b, length = tokens.shape[:2]
+    visible = torch.ones(b, length, dtype=torch.bool, device=tokens.device) if mask is None else mask
+    repeated = visible.all(dim=1) & (tokens == tokens[:, :1]).flatten(1).all(dim=1)
+    if length < 2 or not bool(repeated.any()):
+        repeated = torch.zeros_like(repeated)
+    columns = torch.arange(length, device=tokens.device)
+    last_needed = torch.where(visible, columns, -1).amax(dim=1)  # -1: a row with no visible token
+    needed = torch.where(repeated, 0, last_needed)
+    kept = max(int(needed.max()) + 1, 1)
+    if kept == length and not bool(repeated.any()):
+        return tokens, mask
+    bias = torch.zeros(b, kept, device=tokens.device).masked_fill(~visible[:, :kept], float("-inf"))
+    standing = torch.full((kept,), float("-inf"), device=tokens.device)
+    standing[0] = math.log(length)
+    bias = torch.where(repeated[:, None], standing, bias)
+    return tokens[:, :kept], bias
+
+
+def join_key_masks(masks: list[torch.Tensor | None], lengths: list[int], batch: int, device: torch.device) -> torch.Tensor | None:
+    """One key mask for keys made of several token groups (text streams, image tokens), from each group's mask
+    (bool, a float bias as :func:`compact_tokens` gives, or None = all visible); None when every group is all visible.
+    Bool masks stay bool; a float bias anywhere makes the whole a float bias."""
+    if all(m is None for m in masks):
+        return None
+    if all(m is None or m.dtype == torch.bool for m in masks):
+        return torch.cat([torch.ones(batch, n, dtype=torch.bool, device=device) if m is None else m for m, n in zip(masks, lengths)], dim=1)
+    parts = []
+    for m, n in zip(masks, lengths):
+        if m is None:
+            m = torch.zeros(batch, n, device=device)
+        elif m.dtype == torch.bool:
+            m = torch.zeros(batch, n, device=device).masked_fill(~m, float("-inf"))
+        parts.append(m.float())
+    return torch.cat(parts, dim=1)
 
 
 def check_mask(mask: torch.Tensor | None, tokens: torch.Tensor, key: str, fix_empty_rows: bool = True) -> torch.Tensor | None:
