@@ -44,6 +44,8 @@ class FlowObjective(FlowGenerator):
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none).
+        lr_decay_steps, lr_final_ratio: cosine decay of the learning rate to lr * lr_final_ratio at step lr_decay_steps
+            (0 = none: constant after warm-up, as SD3); see flowmatch.training.lr_schedule.
         sample_shape: shape of one data sample, e.g. [2] or [16, 8, 8]; set from the data at setup (the CLI adds flowmatch.callbacks.data_match.MatchModelToData).
         val_levels: number of equally spaced validation times t = k / val_levels, k = 1..val_levels
             (SD3 §5.3.3 uses 8); val/loss averages all but t = 1.
@@ -64,6 +66,8 @@ class FlowObjective(FlowGenerator):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        lr_decay_steps: int = 0,
+        lr_final_ratio: float = 0.1,
         sample_shape: list[int] | None = None,
         val_levels: int = 8,
         val_seed: int = 0,
@@ -73,8 +77,8 @@ class FlowObjective(FlowGenerator):
         frozen_dtype: str | None = None,
     ):
         super().__init__(network, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         sample_shape=sample_shape, init_weights=init_weights, adapter=adapter, trainable=trainable,
-                         frozen_dtype=frozen_dtype)
+                         lr_decay_steps=lr_decay_steps, lr_final_ratio=lr_final_ratio, sample_shape=sample_shape,
+                         init_weights=init_weights, adapter=adapter, trainable=trainable, frozen_dtype=frozen_dtype)
         self.time_sampler = time_sampler if time_sampler is not None else UniformTime()
         self.weighting: Weighting = get_weighting(weighting)
         self.time_shift = time_shift

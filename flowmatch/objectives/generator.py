@@ -34,9 +34,11 @@ from flowmatch.sampling import SamplerConfig, guided_velocity, sample
 from flowmatch.sampling.guidance import embeds_guidance, network_passes
 from flowmatch.training.checkpoint_checks import check_checkpoint_fits
 from flowmatch.training.checkpoint_record import data_info_of_run, read_record, write_record
+from flowmatch.training import lr_schedule
 from flowmatch.training.finished_run import FinishedRunCheckpoint
 from flowmatch.training.lost_peer import LostPeerReport
 from flowmatch.training.resume_rng import ResumeRNG
+from flowmatch.training.lr_schedule import check_schedule
 from flowmatch.training.writable_checkpoints import WritableCheckpoints
 
 
@@ -62,6 +64,9 @@ class FlowGenerator(L.LightningModule):
             ``configure_model`` calls (the CLI passes one). ``self.net`` builds it on first use if nothing has yet.
         lr, weight_decay, betas: AdamW's.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none).
+        lr_decay_steps: cosine decay of the learning rate from lr (after warm-up) to lr * lr_final_ratio at this
+            optimizer step, constant after it; 0 = none, constant lr after warm-up (flowmatch.training.lr_schedule).
+        lr_final_ratio: the learning rate at and after lr_decay_steps, as a fraction of lr.
         sample_shape: shape of one data sample, e.g. [2] or [16, 8, 8]; set from the data at setup (the CLI adds flowmatch.callbacks.data_match.MatchModelToData).
         init_weights: a checkpoint whose network weights start this run (its EMA weights when it has them, as
             `sample` and `export-diffusers` read it); optimizer state is not taken from it.
@@ -93,6 +98,8 @@ class FlowGenerator(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        lr_decay_steps: int = 0,
+        lr_final_ratio: float = 0.1,
         sample_shape: list[int] | None = None,
         init_weights: str | None = None,
         adapter: LoraAdapter | None = None,
@@ -100,6 +107,7 @@ class FlowGenerator(L.LightningModule):
         frozen_dtype: str | None = None,
     ):
         super().__init__()
+        check_schedule(warmup_steps, lr_decay_steps, lr_final_ratio)
         # Built by the CLI, the hyper-parameters are the config itself (class_path / init_args), which lets
         # load_from_checkpoint rebuild network and sampler; built in Python, they are the arguments of every
         # __init__ of the class chain, less the objects that cannot be saved.
@@ -219,10 +227,10 @@ class FlowGenerator(L.LightningModule):
         groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, which a scheduler would then miscount
         opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        warmup = self.hparams.warmup_steps
-        if warmup <= 0:
+        warmup, decay = self.hparams.warmup_steps, self.hparams.get("lr_decay_steps", 0)
+        if warmup <= 0 and not decay:
             return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        sched = lr_schedule.scheduler(opt, warmup, decay, self.hparams.get("lr_final_ratio", 0.1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- generation ------------------------------------------------------------------------------

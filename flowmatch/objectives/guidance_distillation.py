@@ -133,7 +133,7 @@ class GuidanceDistillation(FlowGenerator):
         val_guidances: the guidance scales of the validation / test loss.
         val_levels: validation times t = (k - 1/2) / val_levels, k = 1..val_levels.
         val_seed: seed of the fixed validation noise.
-        (lr, weight_decay, betas, warmup_steps, sample_shape as in FlowGenerator.)
+        (lr, weight_decay, betas, warmup_steps, lr_decay_steps, lr_final_ratio, sample_shape as in FlowGenerator.)
     """
 
     def __init__(
@@ -152,6 +152,8 @@ class GuidanceDistillation(FlowGenerator):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        lr_decay_steps: int = 0,
+        lr_final_ratio: float = 0.1,
         sample_shape: list[int] | None = None,
     ):
         lo, hi = (float(v) for v in guidance_range)
@@ -162,7 +164,8 @@ class GuidanceDistillation(FlowGenerator):
             raise ValueError(f"val_guidances must be one or more finite scales >= 0, got {val_guidances}")
         if val_levels < 1:
             raise ValueError(f"val_levels must be >= 1, got {val_levels}")
-        super().__init__(network, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, sample_shape=sample_shape)
+        super().__init__(network, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         lr_decay_steps=lr_decay_steps, lr_final_ratio=lr_final_ratio, sample_shape=sample_shape)
         self.teacher_path = teacher
         self.start_from_teacher = bool(init_from_teacher)
         self._teacher: FlowGenerator | None = None
