@@ -19,7 +19,7 @@ SLOW = {
     "test_tracking_outage": None, "test_team_tracking": None, "test_multinode": None, "test_lora_fit": None,
     "test_toy_experiments": None, "test_distributed_faults": None, "test_resume": None, "test_resume_extend": None,
     "test_main_job": None, "test_flux_cli": None, "test_mlflow_server": None, "test_study_latents": None,
-    "test_deepspeed": None, "test_reflow": None,
+    "test_deepspeed": None, "test_reflow": None, "test_bench_backbones": None,
     "test_compare": {"test_report_of_a_fit_its_test_and_seeded_variants"},
     "test_cli": {"test_fit_validate_sample_roundtrip_with_mlflow", "test_bad_config_exits_nonzero_and_names_the_key",
                  "test_bad_checkpoint_paths_are_reported"},
