@@ -1,8 +1,10 @@
 """Helpers the sample callbacks share: reference data from the data module and model samples."""
 
+from contextlib import nullcontext
+
 import torch
 
-from flowmatch.sampling import SOLVERS, SamplerConfig
+from flowmatch.sampling import ADAPTIVE_SOLVERS, SOLVERS, SamplerConfig
 
 
 def parse_samplers(specs: list[str] | list[SamplerConfig]) -> list[SamplerConfig]:
@@ -25,6 +27,15 @@ def parse_samplers(specs: list[str] | list[SamplerConfig]) -> list[SamplerConfig
             kwargs["guidance" if key == "cfg" else key] = value if key == "grid" else float(value)
         out.append(SamplerConfig(**kwargs))
     return out
+
+
+def sampling_precision(trainer, sampler: SamplerConfig):
+    """The context a callback samples in: the run's precision (bf16 autocast in a bf16-mixed run, as its training
+    and validation steps) for fixed-step solvers, float32 for adaptive ones, whose error control bf16 rounding
+    defeats (dopri5 with guidance on the main job: 796 network passes a sample under autocast, 364 in float32)."""
+    if trainer is None or sampler.solver in ADAPTIVE_SOLVERS:
+        return nullcontext()
+    return trainer.precision_plugin.forward_context()
 
 
 def reference_batch(trainer, num: int, stage: str):
