@@ -61,3 +61,12 @@ def test_precision_rows_flops_and_matmul_peak(capsys):
     fp32 = next(r for r in rows if r["name"] == "mmdit_depth4" and r["precision"] == "fp32")
     torch.manual_seed(0)
     assert fp32["flops"] == independent_count(bb)
+
+
+def test_main_job_shape(capsys):
+    bb = load_bench()
+    rows = bb.main(["--shape", "main_job", "--models", "mmdit_depth4", "--precisions", "fp32", "--rounds", "1", "--steps", "1",
+                    "--warmup", "0", "--threads", "1", "--peak_size", "256"])
+    assert "config: batch 64, latents 16x8x8 (patch 2: 16 image tokens), 32 text tokens" in capsys.readouterr().out
+    torch.manual_seed(0)
+    assert rows[0]["flops"] == independent_count(bb)  # the module's config is now the main job's
