@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from flowmatch.networks import attention_probe
 from flowmatch.networks.embeddings import timestep_embedding
@@ -364,8 +365,11 @@ def compact_tokens(tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[tor
 
     ``mask``: bool (B, L), True = visible, or None (all visible). Returns (tokens (B, L', D), key mask):
     unchanged (the same tensors) when nothing can be saved, else the first L' columns with a float32 key
-    bias (B, L'): 0 visible, -inf hidden, log L for a row's one standing token.
+    bias (B, L'): 0 visible, -inf hidden, log L for a row's one standing token. It reads the tokens' values to
+    choose L', so under torch.compile and on fake or meta tensors (shape tracing) everything runs unchanged.
     """
+    if torch.compiler.is_compiling() or isinstance(tokens, FakeTensor) or tokens.device.type == "meta":
+        return tokens, mask
     b, length = tokens.shape[:2]
     visible = torch.ones(b, length, dtype=torch.bool, device=tokens.device) if mask is None else mask
     repeated = visible.all(dim=1) & (tokens == tokens[:, :1]).flatten(1).all(dim=1)
