@@ -2,8 +2,9 @@
 
 Patch embedding and its inverse, the fixed 2-D sin-cos position table (centre-cropped to the latent
 grid, as SD3 does), adaLN modulation, the MLP, RMSNorm for QK-normalisation, attention through
-``torch.nn.functional.scaled_dot_product_attention``, the timestep / vector embedders, the
-conditioning dropout used for classifier-free guidance, the input checks every backbone runs before
+``torch.nn.functional.scaled_dot_product_attention`` (explicitly for short half-precision sequences on CPU,
+where that is faster), the timestep / vector embedders, the conditioning dropout used for classifier-free
+guidance, ``compact_tokens`` (a text stream without the tokens attention cannot see), the input checks every backbone runs before
 its forward pass (each error says what was expected and what came), and ``load_network_state``,
 which refuses a state dict of another architecture with the names and shapes that do not fit, and
 ``count_parameters``, which counts a network's parameters by building it on the meta device.
