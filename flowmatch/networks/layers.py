@@ -374,13 +374,14 @@ def compact_tokens(tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[tor
     b, length = tokens.shape[:2]
     visible = torch.ones(b, length, dtype=torch.bool, device=tokens.device) if mask is None else mask
     repeated = visible.all(dim=1) & (tokens == tokens[:, :1]).flatten(1).all(dim=1)
-    if length < 2 or not bool(repeated.any()):
+    any_repeated = length > 1 and bool(repeated.any())  # one read of the values (a host sync on a GPU)
+    if not any_repeated:
         repeated = torch.zeros_like(repeated)
     columns = torch.arange(length, device=tokens.device)
     last_needed = torch.where(visible, columns, -1).amax(dim=1)  # -1: a row with no visible token
     needed = torch.where(repeated, 0, last_needed)
     kept = max(int(needed.max()) + 1, 1)
-    if kept == length and not bool(repeated.any()):
+    if kept == length and not any_repeated:
         return tokens, mask
     bias = torch.zeros(b, kept, device=tokens.device).masked_fill(~visible[:, :kept], float("-inf"))
     standing = torch.full((kept,), float("-inf"), device=tokens.device)

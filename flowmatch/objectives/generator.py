@@ -38,7 +38,6 @@ from flowmatch.training import lr_schedule
 from flowmatch.training.finished_run import FinishedRunCheckpoint
 from flowmatch.training.lost_peer import LostPeerReport
 from flowmatch.training.resume_rng import ResumeRNG
-from flowmatch.training.lr_schedule import check_schedule
 from flowmatch.training.writable_checkpoints import WritableCheckpoints
 
 
@@ -107,7 +106,7 @@ class FlowGenerator(L.LightningModule):
         frozen_dtype: str | None = None,
     ):
         super().__init__()
-        check_schedule(warmup_steps, lr_decay_steps, lr_final_ratio)
+        lr_schedule.check_schedule(warmup_steps, lr_decay_steps, lr_final_ratio)
         # Built by the CLI, the hyper-parameters are the config itself (class_path / init_args), which lets
         # load_from_checkpoint rebuild network and sampler; built in Python, they are the arguments of every
         # __init__ of the class chain, less the objects that cannot be saved.
