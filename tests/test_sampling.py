@@ -188,7 +188,7 @@ def test_bad_names_raise_with_name():
         SamplerConfig(solver="rk4")
     with pytest.raises(ValueError, match="karras"):
         SamplerConfig(grid="karras")
-    assert set(SOLVERS) == {"euler", "heun", "midpoint", "dopri5"}
+    assert set(SOLVERS) == {"euler", "heun", "midpoint", "ddim", "dopri5"}
 
 
 def test_config_names():

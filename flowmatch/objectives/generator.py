@@ -286,7 +286,8 @@ class FlowGenerator(L.LightningModule):
         self.net.eval()
         try:
             t_min = self.path.t_min
-            x, nfe = sample(self.velocity, noise, cond=cond, uncond=uncond, config=sampler, t_max=self.path.t_max, t_min=t_min, progress=progress)
+            x, nfe = sample(self.velocity, noise, cond=cond, uncond=uncond, config=sampler, t_max=self.path.t_max, t_min=t_min, progress=progress,
+                            path=self.path)
             if t_min > 0:  # the velocity is singular at t = 0: finish with the model's x0 prediction
                 t = torch.full((x.shape[0],), t_min, device=x.device, dtype=x.dtype)
                 v = guided_velocity(self.velocity, cond, uncond, sampler.guidance)(x, t)

@@ -64,6 +64,7 @@ def sample(
     progress: bool = False,
     t_min: float = 0.0,
     embedded_guidance: bool | None = None,
+    path: Any = None,
 ) -> Tuple[torch.Tensor, int]:
     """Integrate dz/dt = v(z, t) from t_max (noise) to t_min (0: data); returns (x, nfe).
 
@@ -73,10 +74,11 @@ def sample(
     an unconditional pass per sample). With embedded guidance (a guidance-distilled network, which gets
     ``config.guidance`` as cond["guidance"]; ``embedded_guidance`` None = read from the network behind
     ``velocity_fn``, see flowmatch.sampling.guidance) each field evaluation is one call on the plain batch.
+    ``path`` is the model's affine path, which the ddim solver steps along (the others ignore it).
     Runs with whatever grad mode the caller set (wrap in torch.no_grad() for inference).
     """
     grid = time_grid(config.steps, shift=config.shift, kind=config.grid, t_max=t_max, t_min=t_min)
     v = guided_velocity(velocity_fn, cond, uncond, config.guidance, embedded=embedded_guidance)
     solver = get_solver(config.solver)
-    x, field_evaluations = solver(v, noise, grid, rtol=config.rtol, atol=config.atol, progress=progress)
+    x, field_evaluations = solver(v, noise, grid, rtol=config.rtol, atol=config.atol, progress=progress, path=path)
     return x, field_evaluations * network_passes(velocity_fn, cond, uncond, config.guidance, embedded=embedded_guidance)
