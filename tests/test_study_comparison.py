@@ -217,3 +217,51 @@ def test_a_larger_budget_gets_its_own_section_and_plots(tmp_path):
     assert "--budget medium --report-only" in text
     small, medium = text.split("<!-- study:cmp_medium begin -->")
     assert "CPU runs say this." in small and "GPU runs say that." not in small and "GPU runs say that." in medium
+
+
+def test_training_section_reads_image_quality_metrics_per_sampler(tmp_path):
+    """A `kind: training` report with `quality: [{prefix, label}]` (FD and caption adherence on images): one table per
+    quality with a column per sampler that logged an NFE (caption_acc_syn_* is not a sampler), plots per quality."""
+    from flowmatch.studies.results import training_section
+
+    report = {"kind": "training", "title": "T", "quality": [{"prefix": "fd_ratio", "label": "FD / floor"},
+                                                            {"prefix": "caption_acc", "label": "caption adherence"}]}
+    study = _study(tmp_path, report)
+    runs = {}
+    for v, base in (("a", 1.0), ("b", 2.0)):
+        for s in range(2):
+            m = {"val/loss": 0.1 * base}
+            for sampler, nfe in (("euler4", 4), ("ddim4", 4), ("euler25", 25), ("dopri5", 150 + 10 * s)):
+                m |= {f"val/fd_ratio_{sampler}": base + s, f"val/caption_acc_{sampler}": 0.5 / base, f"val/nfe_{sampler}": nfe}
+            m["val/caption_acc_syn_euler4"] = 0.3
+            runs[(v, s)] = RunRecord(f"{v}{s}", v, s, m, {}, 1.0)
+    body = "\n".join(training_section(study, runs, tmp_path, "results").body)
+    assert ("| variant | `val/loss` | FD / floor euler4 | FD / floor euler25 | FD / floor ddim4 | FD / floor dopri5 | dopri5 NFE |"
+            in body), body
+    assert "| A | 0.100 ± 0 | 1.500 ± 0.707 | 1.500 ± 0.707 | 1.500 ± 0.707 | 1.500 ± 0.707 | 155 ± 7 |" in body, body
+    assert "| variant | caption adherence euler4 | caption adherence euler25 | caption adherence ddim4 | caption adherence dopri5 | dopri5 NFE |" in body
+    assert "| B | 0.250 ± 0 | 0.250 ± 0 |" in body and "syn" not in body
+    pngs = sorted(p.name for p in tmp_path.glob("cmp_*_vs_nfe.png"))
+    assert pngs == ["cmp_caption_acc_vs_nfe.png", "cmp_fd_ratio_vs_nfe.png"]
+    assert all((tmp_path / p).stat().st_size > 5000 for p in pngs)
+
+
+@pytest.mark.parametrize("name, kind", [("sd3_formulations_digits", "ranking"), ("fm_vs_vp_digits", "training")])
+def test_the_digit_formulation_studies_plan_real_configs(name, kind):
+    from flowmatch.callbacks.common import parse_samplers
+    from flowmatch.studies import BUDGETS, plan
+
+    study = load_study(name)
+    assert set(study.budgets) == set(BUDGETS) and study.report["kind"] == kind and study.budgets["small"].seeds == 3
+    for budget in BUDGETS:
+        for r in plan(study, budget):
+            assert r.config_path.is_file()
+            assert all(study.resolve(v).is_file() for v in r.overrides.values() if isinstance(v, str) and v.endswith(".yaml"))
+            assert r.overrides["model.init_args.lr"] == 0.002  # the main job's optimizer for every formulation
+    # every metric the report reads is one the callbacks log: val/<quantity>_<name of a configured sampler>
+    callbacks = yaml.safe_load(study.resolve(plan(study, "small")[0].overrides["trainer.callbacks"]).read_text())
+    names = {s.name for s in parse_samplers(next(c for c in callbacks if c["class_path"].endswith("ImageSampleMetrics"))["init_args"]["samplers"])}
+    metrics = [c["metric"] for c in study.report.get("columns", [])] + [c["metric"] for c in study.report["claims"] if "metric" in c]
+    metrics += study.report.get("curves", []) + study.report["headline"]
+    for metric in metrics:
+        assert metric.split("/", 1)[1].split("_", 2)[-1] in names or metric.rsplit("_", 1)[-1] in names, metric

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flowmatch.metrics.directions import higher_is_better
 from flowmatch.studies.queries import Runs
 from flowmatch.studies.spec import Study
 from flowmatch.studies.statistics import W2_KEY, mean_std, metric_values, sampler_order
@@ -30,9 +31,9 @@ def _errorbars(ax, xs: list[float], ms: list[MeanStd], **style) -> None:
     ax.errorbar(xs, _means(ms), yerr=_spreads(ms), **style)
 
 
-def _nfe_and_w2(runs: Runs, variant: str, sampler: str) -> tuple[float, MeanStd]:
-    """The variant's mean NFE with a sampler and its W2 (mean, std)."""
-    return mean_std(metric_values(runs, variant, f"val/nfe_{sampler}"))[0], mean_std(metric_values(runs, variant, f"val/w2_{sampler}"))
+def _nfe_and_w2(runs: Runs, variant: str, sampler: str, prefix: str = "w2") -> tuple[float, MeanStd]:
+    """The variant's mean NFE with a sampler and its quality ``val/<prefix>_<sampler>`` (default W2) (mean, std)."""
+    return mean_std(metric_values(runs, variant, f"val/nfe_{sampler}"))[0], mean_std(metric_values(runs, variant, f"val/{prefix}_{sampler}"))
 
 
 def _column_axis(ax, col: dict) -> None:
@@ -111,31 +112,43 @@ def ranking_plots(study: Study, runs: Runs, seeds: list[int], variants: list[str
     return [p1, _save(fig, study, "ranks", out_dir)]
 
 
-def training_plots(study: Study, runs: Runs, variants: list[str], samplers: list[str], out_dir: Path) -> list[Path]:
-    """<study>_training.png (the curves and the validation loss over training) and <study>_w2_vs_nfe.png."""
+def training_plots(study: Study, runs: Runs, variants: list[str], samplers: list[str], out_dir: Path,
+                   qualities: list[dict] | None = None) -> list[Path]:
+    """<study>_training.png (the curves and the validation loss over training) and, per quality metric, its final value
+    against NFE: <study>_w2_vs_nfe.png for W2 (the default), <study>_<prefix>_vs_nfe.png otherwise. Euler is a solid
+    line, any other fixed-step solver (e.g. DDIM) a dashed one, dopri5 a diamond."""
     plt = pyplot()
     out = []
     curves = [m for m in study.report.get("curves", []) if any(m in r.history for r in runs.values())]
     keys = curves + (["val/loss"] if any("val/loss" in r.history for r in runs.values()) else [])
     if keys:
         out.append(curves_figure(study, runs, variants, keys, out_dir))
-    if samplers:
+    solvers = sorted({sampler_order(s)[1] for s in samplers if not s.startswith("dopri5")}, key=lambda x: (x != "euler", x))
+    for q in (qualities or [{"prefix": "w2", "label": "W2"}]) if samplers else []:
+        prefix, higher = q["prefix"], higher_is_better(f"val/{q['prefix']}")
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for i, v in enumerate(variants):
-            pts = [_nfe_and_w2(runs, v, s) for s in samplers if s.startswith("euler")]
-            _errorbars(ax, [p[0] for p in pts], [p[1] for p in pts], color=series_color(i), marker="o", capsize=3, label=f"{study.label(v)} (Euler)")
+            for solver in solvers:
+                pts = [_nfe_and_w2(runs, v, s, prefix) for s in samplers if sampler_order(s)[:2] == (False, solver)]
+                _errorbars(ax, [p[0] for p in pts], [p[1] for p in pts], color=series_color(i), marker="o", capsize=3,
+                           linestyle="-" if solver == "euler" else "--", label=f"{study.label(v)} ({solver_label(solver)})")
             if "dopri5" in samplers:
-                nfe, w2 = _nfe_and_w2(runs, v, "dopri5")
-                _errorbars(ax, [nfe], [w2], color=series_color(i), marker="D", capsize=3, linestyle="none", label=f"{study.label(v)} (dopri5)")
+                nfe, value = _nfe_and_w2(runs, v, "dopri5", prefix)
+                _errorbars(ax, [nfe], [value], color=series_color(i), marker="D", capsize=3, linestyle="none", label=f"{study.label(v)} (dopri5)")
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if not higher:
+            ax.set_yscale("log")
         ax.set_xlabel("NFE (network evaluations per sample)")
-        ax.set_ylabel("final W2 (lower is better)")
-        ax.set_title(f"{study.name}: final W2 vs NFE, mean ± std over seeds")
+        ax.set_ylabel(f"final {q['label']} ({'higher' if higher else 'lower'} is better)")
+        ax.set_title(f"{study.name}: final {q['label']} vs NFE, mean ± std over seeds")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-        out.append(_save(fig, study, "w2_vs_nfe", out_dir))
+        out.append(_save(fig, study, f"{prefix}_vs_nfe", out_dir))
     return out
+
+
+def solver_label(solver: str) -> str:
+    return {"euler": "Euler", "ddim": "DDIM", "heun": "Heun"}.get(solver, solver)
 
 
 def reflow_plots(study: Study, runs: Runs, variants: list[str], columns: list[dict], out_dir: Path) -> list[Path]:

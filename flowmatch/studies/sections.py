@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,33 +148,52 @@ def _ranking_claims(sec: Section, rep: dict, runs: Runs, seeds: list[int], colum
 
 
 def training_section(study: Study, runs: Runs, out_dir: Path, rel: str) -> Section:
-    """Final quality per sampler (W2 and NFE) and quality over training, the plots and the paper's claims."""
+    """Final quality per sampler (one table per quality metric, and the NFE) and quality over training, the plots and
+    the paper's claims. ``report.quality`` lists the quality metrics as ``{prefix, label}`` (``val/<prefix>_<sampler>``;
+    default W2 of the point studies: ``[{prefix: w2, label: W2}]``)."""
     rep = study.report
     variants = variants_of(study, runs)
     seeds = seeds_of(runs)
     sec = Section()
-    samplers = sorted({m.group("sampler") for r in runs.values() for k in r.metrics if (m := W2_KEY.match(k)) and f"val/nfe_{m.group('sampler')}" in r.metrics},
-                      key=sampler_order)
-    # final quality per sampler
-    header = ["variant", "`val/loss`"] + [f"W2 {s}" for s in samplers]
-    if "dopri5" in samplers:
-        header.append("dopri5 NFE")
-    rows = []
-    for v in variants:
-        row = [study.label(v), fmt_ms(metric_values(runs, v, "val/loss"))] + [fmt_ms(metric_values(runs, v, f"val/w2_{s}")) for s in samplers]
-        if "dopri5" in samplers:
-            row.append(fmt_ms(metric_values(runs, v, "val/nfe_dopri5"), 3))
-        rows.append(row)
+    qualities = training_qualities(rep)
+    samplers = logged_samplers(runs, qualities[0]["prefix"])
     n_per = {v: len(metric_values(runs, v, "val/loss")) for v in variants}
     counts = ", ".join(f"{study.label(v)}: {plural(n, 'seed')}" for v, n in n_per.items())
-    sec.body.append(f"Final validation ({counts}); W2 per sampler "
-                    "(euler N = N network evaluations), mean ± std over seeds. `val/loss` is each objective's own "
-                    "regression loss (velocity, eps or v) and is not comparable across objectives.\n")
-    sec.body.append(md_table(header, rows))
+    for i, q in enumerate(qualities):
+        header = ["variant"] + (["`val/loss`"] if i == 0 else []) + [f"{q['label']} {s}" for s in samplers]
+        if "dopri5" in samplers:
+            header.append("dopri5 NFE")
+        rows = []
+        for v in variants:
+            row = [study.label(v)] + ([fmt_ms(metric_values(runs, v, "val/loss"))] if i == 0 else [])
+            row += [fmt_ms(metric_values(runs, v, f"val/{q['prefix']}_{s}")) for s in samplers]
+            if "dopri5" in samplers:
+                row.append(fmt_ms(metric_values(runs, v, "val/nfe_dopri5"), 3))
+            rows.append(row)
+        if i == 0:
+            sec.body.append(f"Final validation ({counts}); {q['label']} per sampler "
+                            "(euler N = N network evaluations), mean ± std over seeds. `val/loss` is each objective's own "
+                            "regression loss (velocity, eps or v) and is not comparable across objectives.\n")
+        else:
+            sec.body.append(f"\n{q['label']} per sampler at the final validation, mean ± std over seeds:\n")
+        sec.body.append(md_table(header, rows))
     curve_tables(sec, study, runs, variants, rep.get("curves", []))
-    sec.add_plots(training_plots(study, runs, variants, samplers, out_dir), rel)
+    sec.add_plots(training_plots(study, runs, variants, samplers, out_dir, qualities), rel)
     append_claims(sec, rep, runs, seeds, "the paper")
     return sec
+
+
+def training_qualities(rep: dict) -> list[dict]:
+    """The quality metrics of a ``kind: training`` report: ``[{prefix, label}]`` (default W2)."""
+    return [{"prefix": str(q["prefix"]), "label": str(q.get("label", q["prefix"]))} for q in rep.get("quality") or [{"prefix": "w2", "label": "W2"}]]
+
+
+def logged_samplers(runs: Runs, prefix: str) -> list[str]:
+    """The samplers with a logged ``val/<prefix>_<sampler>`` and ``val/nfe_<sampler>`` in some run: Euler by steps,
+    then the other fixed-step solvers (e.g. DDIM), dopri5 last."""
+    pattern = re.compile(rf"^val/{re.escape(prefix)}_(?P<sampler>.+)$")
+    found = {m.group("sampler") for r in runs.values() for k in r.metrics if (m := pattern.match(k)) and f"val/nfe_{m.group('sampler')}" in r.metrics}
+    return sorted(found, key=lambda s: (sampler_order(s)[0], sampler_order(s)[1] != "euler", *sampler_order(s)[1:]))
 
 
 def curve_tables(sec: Section, study: Study, runs: Runs, variants: list[str], metrics: list[str]) -> None:
