@@ -25,6 +25,7 @@ SLOW = {
                  "test_bad_checkpoint_paths_are_reported"},
     "test_study": {"test_a_real_study_runs_resumes_and_is_written_up"},
     "test_study_comparison": {"test_a_study_keeps_a_diverged_fit_as_its_result"},
+    "test_study_jobs": {"test_a_parallel_study_through_the_cli_with_mlflow"},  # three MLflow-writing processes: 19-27 s on 2 busy cores
     "test_import_sd3_cli": {"test_import_load_compare_and_finetune"},
     "test_bucket_stream": {"test_a_finished_fit_extended_equals_the_uninterrupted_fit", "test_fit_resumed_mid_pass_ends_at_the_same_weights",
                            "test_test_reports_every_bucket_and_the_judge_reads_real_pictures"},

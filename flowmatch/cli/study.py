@@ -5,7 +5,9 @@ seeds and per-budget overrides (steps, seeds, reflow pairs). Every (seed, varian
 `python -m flowmatch fit` in its own process, tracked in MLflow with the tags study, variant, seed and
 budget; a variant whose finished run is already in the store is skipped, so a study resumes where it
 stopped. Then the study's section of OUT.md (default docs/results.md) is (re)written from the MLflow
-runs alone, with its plots in OUT/ (default docs/results/), every number traced to a run id.
+runs alone, with its plots in OUT/ (default docs/results/), every number traced to a run id. With
+--jobs N, N fits run at once (each in its own process); a fit built from another variant's run
+(couplings, weights, latents) starts once that run at its seed is done.
 """
 
 from __future__ import annotations
@@ -23,7 +25,18 @@ EXAMPLES = """examples:
   python -m flowmatch study sd3_formulations --budget small --report-only       # rewrite the section from MLflow
   python -m flowmatch study reflow --budget medium --seeds 5 --tracking_uri http://127.0.0.1:5000
   nice -n 15 python -m flowmatch study latent_channels --budget small --threads 1   # autoencoders d=4/8/16, generators on their latents
+  nice -n 15 python -m flowmatch study sd3_formulations_digits --budget small --threads 1 --jobs 2   # two fits at a time
 """
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run every fit even if a finished run exists")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per fit (OMP_NUM_THREADS / MKL_NUM_THREADS; 1 is fastest for the toy MLP on a busy machine)")
+    p.add_argument("--jobs", "-j", type=_jobs, default=1, metavar="N",
+                   help="run up to N fits at once, each in its own process (default 1: one after the other). Runs are "
+                        "started in plan order (seed-major); a run built from another variant's run (couplings_from, "
+                        "init_from, latents_from) starts once that run at its seed is done, and is skipped if it failed. "
+                        "Give each fit its share of the cores with --threads (e.g. --jobs 2 --threads 1 on 2 cores)")
     p.add_argument("--list", action="store_true", help="list the studies and their budgets")
     p.add_argument("--studies-dir", "--studies_dir", default=None, help=argparse.SUPPRESS)
     return p
@@ -94,14 +112,15 @@ def _run_one(study, runs, args) -> int:
 
     seeds = len({r.seed for r in runs})
     print(f"study {study.name} ({study.path}), budget {args.budget}: {len(runs)} fits ({len({r.variant.name for r in runs})} variants x {seeds} seeds), "
-          f"MLflow {args.tracking_uri} experiment {study.experiment!r}")
+          f"MLflow {args.tracking_uri} experiment {study.experiment!r}" + (f", jobs {args.jobs}" if args.jobs > 1 else ""))
     status = 0
     if not args.report_only:
         threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else None
-        runner = StudyRunner(study, runs, args.tracking_uri, args.workdir, force=args.force, extra_env=threads)
+        runner = StudyRunner(study, runs, args.tracking_uri, args.workdir, force=args.force, extra_env=threads, jobs=args.jobs)
         outcome = runner.execute(dry_run=args.dry_run)
         if args.dry_run:
-            print(f"plan: {len(runs) - len(outcome.skipped)} to run, {len(outcome.skipped)} done")
+            print(f"plan: {len(runs) - len(outcome.skipped)} to run, {len(outcome.skipped)} done"
+                  + (f"; {args.jobs} at a time, each after the runs it is built from" if args.jobs > 1 else ""))
             return 0
         print(f"study {study.name}: {len(outcome.ran)} ran, {len(outcome.skipped)} already done, {len(outcome.failed)} failed "
               f"in {outcome.seconds / 60:.1f} min")

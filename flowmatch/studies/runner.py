@@ -23,6 +23,16 @@ own shards). The run is tagged ``latents_from_run``.
 A finished run built from another variant's run (tags ``couplings_from_run``, ``init_from_run``,
 ``latents_from_run``) is out of date, and runs again, when that variant's current run at the same seed is
 another one (e.g. the autoencoder was fitted again after its config changed).
+
+Parallel fits (``jobs`` > 1, ``python -m flowmatch study ... --jobs N``): up to N fits run at once, each still its
+own process writing its own MLflow run; the runner's threads only wait on them. A run is decided (skipped as
+finished, out of date, or blocked by a dependency that failed or diverged) once the runs it is built from at its
+seed are settled, then launched in plan order (seed-major) as slots free up; so a dependent run waits for its
+source, and a study cut short leaves complete seeds first. Progress lines name their run, since they interleave.
+The runner's own MLflow calls (finished runs, artifact downloads) happen one at a time, and a shared preparation
+step (a downloaded final model, couplings, latents: one folder each, used by every variant built from the same
+run) is written under a lock on that folder (``WORKDIR/<study>/<budget>/.locks/``, flock: also across study
+processes sharing the workdir), so that it is written once and the other runs reuse it.
 """
 
 from __future__ import annotations
@@ -33,10 +43,12 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from flowmatch.training.divergence import DIVERGED_METRIC
 from flowmatch.studies.spec import PlannedRun, Study, cli_value
@@ -130,13 +142,19 @@ class StudyRunner:
 
     def __init__(self, study: Study, runs: list[PlannedRun], tracking_uri: str, workdir: str | Path = "runs/studies",
                  force: bool = False, echo: Callable[[str], None] = print, python: str = sys.executable,
-                 extra_env: dict[str, str] | None = None):
-        self.study, self.runs, self.tracking_uri, self.force = study, runs, tracking_uri, force
+                 extra_env: dict[str, str] | None = None, jobs: int = 1):
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
+        self.study, self.runs, self.tracking_uri, self.force, self.jobs = study, runs, tracking_uri, force, jobs
         self.budget = runs[0].budget if runs else ""
         self.workdir = Path(workdir) / study.name / self.budget
         self.echo, self.python = echo, python
         self.env = {**os.environ, "JSONARGPARSE_DEPRECATION_WARNINGS": "off", **(extra_env or {})}
         self.headline = list(study.report.get("headline", []))
+        self._echo_lock = threading.Lock()  # one progress line (or a failure's log tail) at a time
+        self._store_lock = threading.Lock()  # the runner's own MLflow calls, one at a time
+        self._procs: set[subprocess.Popen] = set()  # the fits (and prepare / reflow steps) running now
+        self._procs_lock = threading.Lock()
 
     # --- commands --------------------------------------------------------------------------------------------
     def fit_argv(self, run: PlannedRun, extra: list[str] | None = None, extra_tags: dict[str, str] | None = None) -> list[str]:
@@ -174,71 +192,183 @@ class StudyRunner:
 
     # --- the plan --------------------------------------------------------------------------------------------------
     def execute(self, dry_run: bool = False) -> StudyOutcome:
+        """Run the plan (``jobs`` fits at a time), or with ``dry_run`` print it."""
+        if self.jobs > 1 and not dry_run:
+            return self._execute_parallel()
         outcome = StudyOutcome()
         start = time.time()
         # finished runs: skipped unless --force, and always the source of a reflow or latents step's model (updated as fits finish)
-        done = finished_runs(self.tracking_uri, self.study, self.budget)
+        done = self._finished()
         failed_keys: set[tuple[str, int]] = set()
-
-        def failed(run: PlannedRun, why: str, message: str) -> None:
-            self.echo(message)
-            outcome.failed.append((run, why))
-            failed_keys.add(run.key)
 
         for run in self.runs:
             elapsed = _fmt_time(time.time() - start)
-            prev = None if self.force else done.get(run.key)
-            stale = self._stale_sources(run, prev, done) if prev is not None else []
-            if stale:
-                self.echo(f"{run.describe()} ... out of date: finished run {prev.run_id} was built from {'; '.join(stale)}")
-                prev = None
+            prev = self._previous(run, done)
             if prev is not None:
-                self.echo(f"{run.describe()} ... skip: finished run {prev.run_id}{self._headline(prev.metrics)}  [elapsed {elapsed}]")
-                outcome.skipped.append((run, prev.run_id))
+                self._skip(run, prev, elapsed, outcome)
                 continue
-            deps = run.variant.depends_on
-            missing = [d for d in deps if (d, run.seed) not in done]
             if dry_run:
-                after = f" (after {' and '.join(missing)} at seed {run.seed})" if missing else ""
-                self.echo(f"{run.describe()} ... would run{after}")
-                if run.variant.couplings_from:
-                    self.echo(f"    couplings: {shlex.join(self._rel(self.reflow_argv(run, Path('<' + run.variant.couplings_from + ' final.ckpt>'), Path('<couplings>'))))}")
-                if run.variant.latents_from:
-                    src = run.variant.latents_from
-                    out = self.latents_dir(run, done.get((src, run.seed)))
-                    reuse = " (exists: reused)" if (out / "manifest.json").is_file() else ""
-                    self.echo(f"    latents: {shlex.join(self._rel(self.prepare_argv(run, Path('<' + src + ' final.ckpt>'), out)))}{reuse}")
-                self.echo(f"    {shlex.join(self._rel(self.fit_argv(run, self._dep_args_placeholder(run, done))))}")
+                self._print_plan(run, done)
                 continue
-            if any((d, run.seed) in failed_keys or (d, run.seed) not in done or done[(d, run.seed)].diverged for d in deps):
-                why = f"needs {', '.join(deps)} at seed {run.seed}, which did not finish (or diverged)"
-                failed(run, why, f"{run.describe()} ... skip: {why}  [elapsed {elapsed}]")
+            why = self._blocked(run, done, failed_keys)
+            if why is not None:
+                self._say(f"{run.describe()} ... skip: {why}  [elapsed {elapsed}]")
+                self._failed(run, why, outcome, failed_keys)
                 continue
-            self.echo(f"{run.describe()} ...  [elapsed {elapsed}]")
+            self._say(f"{run.describe()} ...  [elapsed {elapsed}]")
             t0 = time.time()
+            err = None
             try:
-                extra, extra_tags = self._prepare_dependencies(run, done)
-                self._fit(run, extra, extra_tags)
-            except StudyRunError as err:
-                found = finished_runs(self.tracking_uri, self.study, self.budget).get(run.key)
-                if found is not None and found.diverged and found.start_time >= t0 * 1000 - 1000:  # this attempt diverged
-                    done[run.key] = found
-                    outcome.ran.append((run, found.run_id))
-                    self.echo(f"    diverged in {time.time() - t0:.0f} s: run {found.run_id}{self._headline(found.metrics)} "
-                              "(a result of the study: kept, not re-run)")
-                    continue
-                failed(run, str(err), f"    FAILED: {err}")
-                continue
-            found = finished_runs(self.tracking_uri, self.study, self.budget).get(run.key)
-            if found is None:
-                why = f"fit exited normally but no FINISHED MLflow run tagged study={self.study.name} variant={run.variant.name} seed={run.seed} is in {self.tracking_uri}"
-                failed(run, why, f"    FAILED: {why}")
-                continue
-            done[run.key] = found
-            outcome.ran.append((run, found.run_id))
-            self.echo(f"    done in {time.time() - t0:.0f} s: run {found.run_id}{self._headline(found.metrics)}")
+                self._attempt(run, done)
+            except StudyRunError as e:
+                err = e
+            self._record(run, t0, err, done, outcome, failed_keys)
         outcome.seconds = time.time() - start
         return outcome
+
+    def _execute_parallel(self) -> StudyOutcome:
+        """Up to ``jobs`` fits at once (threads, each waiting on its fit's process). A run is decided once the runs it
+        is built from at its seed are settled (so a finished run is checked against their current runs, and a run whose
+        source failed is blocked); the runs to fit are launched in plan order as slots free up."""
+        from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+        outcome = StudyOutcome()
+        start = time.time()
+        done = self._finished()
+        failed_keys: set[tuple[str, int]] = set()
+        planned = {run.key for run in self.runs}
+        settled: set[tuple[str, int]] = set()  # skipped, blocked, failed or fitted
+        waiting = list(self.runs)  # not decided yet: a source of theirs (same seed, in this plan) is not settled
+        ready: list[PlannedRun] = []  # to fit, in plan order
+        running: dict[Future, tuple[PlannedRun, float]] = {}
+        pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="study-fit")
+        try:
+            while waiting or ready or running:
+                for run in list(waiting):
+                    if any((d, run.seed) in planned and (d, run.seed) not in settled for d in run.variant.depends_on):
+                        continue
+                    waiting.remove(run)
+                    elapsed = _fmt_time(time.time() - start)
+                    prev = self._previous(run, done)
+                    if prev is not None:
+                        self._skip(run, prev, elapsed, outcome)
+                        settled.add(run.key)
+                        continue
+                    why = self._blocked(run, done, failed_keys)
+                    if why is not None:
+                        self._say(f"{run.describe()} ... skip: {why}  [elapsed {elapsed}]")
+                        self._failed(run, why, outcome, failed_keys)
+                        settled.add(run.key)
+                        continue
+                    ready.append(run)
+                ready.sort(key=lambda r: r.index)
+                while ready and len(running) < self.jobs:
+                    run = ready.pop(0)
+                    self._say(f"{run.describe()} ... started  [elapsed {_fmt_time(time.time() - start)}, "
+                              f"{len(running) + 1} of {self.jobs} running]")
+                    running[pool.submit(self._attempt, run, dict(done))] = (run, time.time())
+                if not running:
+                    if waiting or ready:  # cannot happen: a run's sources come before it in the plan
+                        raise RuntimeError(f"study runner: nothing running, but {', '.join(r.describe() for r in waiting + ready)} not decided")
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=lambda f: running[f][0].index):
+                    run, t0 = running.pop(future)
+                    err = future.exception()
+                    if err is not None and not isinstance(err, StudyRunError):
+                        raise err
+                    self._record(run, t0, err, done, outcome, failed_keys)
+                    settled.add(run.key)
+        except BaseException:
+            self._stop_running()  # interrupted (or a bug): the study's running fits stop with it, as with one job
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for runs in (outcome.ran, outcome.skipped, outcome.failed):
+            runs.sort(key=lambda item: item[0].index)  # as one job lists them: in plan order
+        outcome.seconds = time.time() - start
+        return outcome
+
+    # --- the decisions and the record of one run ------------------------------------------------------------
+    def _finished(self) -> dict[tuple[str, int], FinishedRun]:
+        with self._store_lock:
+            return finished_runs(self.tracking_uri, self.study, self.budget)
+
+    def _previous(self, run: PlannedRun, done: dict[tuple[str, int], FinishedRun]) -> FinishedRun | None:
+        """The run's finished (or diverged) run to keep, unless --force or it was built from an outdated source run."""
+        prev = None if self.force else done.get(run.key)
+        stale = self._stale_sources(run, prev, done) if prev is not None else []
+        if stale:
+            self._say(f"{run.describe()} ... out of date: finished run {prev.run_id} was built from {'; '.join(stale)}")
+            prev = None
+        return prev
+
+    def _skip(self, run: PlannedRun, prev: FinishedRun, elapsed: str, outcome: StudyOutcome) -> None:
+        self._say(f"{run.describe()} ... skip: finished run {prev.run_id}{self._headline(prev.metrics)}  [elapsed {elapsed}]")
+        outcome.skipped.append((run, prev.run_id))
+
+    @staticmethod
+    def _blocked(run: PlannedRun, done: dict[tuple[str, int], FinishedRun], failed_keys: set[tuple[str, int]]) -> str | None:
+        """Why the run cannot be fitted (a source at its seed failed, diverged or is missing), or None."""
+        deps = run.variant.depends_on
+        if any((d, run.seed) in failed_keys or (d, run.seed) not in done or done[(d, run.seed)].diverged for d in deps):
+            return f"needs {', '.join(deps)} at seed {run.seed}, which did not finish (or diverged)"
+        return None
+
+    @staticmethod
+    def _failed(run: PlannedRun, why: str, outcome: StudyOutcome, failed_keys: set[tuple[str, int]]) -> None:
+        outcome.failed.append((run, why))
+        failed_keys.add(run.key)
+
+    def _print_plan(self, run: PlannedRun, done: dict[tuple[str, int], FinishedRun]) -> None:
+        missing = [d for d in run.variant.depends_on if (d, run.seed) not in done]
+        after = f" (after {' and '.join(missing)} at seed {run.seed})" if missing else ""
+        self._say(f"{run.describe()} ... would run{after}")
+        if run.variant.couplings_from:
+            self._say(f"    couplings: {shlex.join(self._rel(self.reflow_argv(run, Path('<' + run.variant.couplings_from + ' final.ckpt>'), Path('<couplings>'))))}")
+        if run.variant.latents_from:
+            src = run.variant.latents_from
+            out = self.latents_dir(run, done.get((src, run.seed)))
+            reuse = " (exists: reused)" if (out / "manifest.json").is_file() else ""
+            self._say(f"    latents: {shlex.join(self._rel(self.prepare_argv(run, Path('<' + src + ' final.ckpt>'), out)))}{reuse}")
+        self._say(f"    {shlex.join(self._rel(self.fit_argv(run, self._dep_args_placeholder(run, done))))}")
+
+    def _attempt(self, run: PlannedRun, done: dict[tuple[str, int], FinishedRun]) -> None:
+        """The run's preparation steps and its fit (raises StudyRunError); in a worker thread when jobs > 1."""
+        extra, extra_tags = self._prepare_dependencies(run, done)
+        self._fit(run, extra, extra_tags)
+
+    def _record(self, run: PlannedRun, t0: float, err: StudyRunError | None, done: dict[tuple[str, int], FinishedRun],
+                outcome: StudyOutcome, failed_keys: set[tuple[str, int]]) -> None:
+        """After a fit (started at t0): its run from the store (done, diverged) or its failure."""
+        found = self._finished().get(run.key)
+        if err is not None:
+            if found is not None and found.diverged and found.start_time >= t0 * 1000 - 1000:  # this attempt diverged
+                done[run.key] = found
+                outcome.ran.append((run, found.run_id))
+                self._note(run, f"diverged in {time.time() - t0:.0f} s: run {found.run_id}{self._headline(found.metrics)} "
+                                "(a result of the study: kept, not re-run)")
+                return
+            self._note(run, f"FAILED: {err}")
+            self._failed(run, str(err), outcome, failed_keys)
+            return
+        if found is None:
+            why = f"fit exited normally but no FINISHED MLflow run tagged study={self.study.name} variant={run.variant.name} seed={run.seed} is in {self.tracking_uri}"
+            self._note(run, f"FAILED: {why}")
+            self._failed(run, why, outcome, failed_keys)
+            return
+        done[run.key] = found
+        outcome.ran.append((run, found.run_id))
+        self._note(run, f"done in {time.time() - t0:.0f} s: run {found.run_id}{self._headline(found.metrics)}")
+
+    def _say(self, line: str) -> None:
+        with self._echo_lock:
+            self.echo(line)
+
+    def _note(self, run: PlannedRun, text: str) -> None:
+        """A line about a run's steps: indented under the run's line with one job; naming the run with several
+        (their lines interleave)."""
+        self._say(f"    {text}" if self.jobs <= 1 else f"{run.describe()}: {text}")
 
     @staticmethod
     def _stale_sources(run: PlannedRun, prev: FinishedRun, done: dict[tuple[str, int], FinishedRun]) -> list[str]:
@@ -293,10 +423,51 @@ class StudyRunner:
         with open(log, "w") as fh:
             fh.write("$ " + shlex.join(argv) + "\n")
             fh.flush()
-            proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
-        if proc.returncode != 0:
+            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
+            with self._procs_lock:
+                self._procs.add(proc)
+            try:
+                returncode = proc.wait()
+            except BaseException:  # interrupted: the step stops with the study (as subprocess.run does)
+                self._stop(proc)
+                raise
+            finally:
+                with self._procs_lock:
+                    self._procs.discard(proc)
+        if returncode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-            raise StudyRunError(f"{what} exited with status {proc.returncode}; log {log}:\n      " + "\n      ".join(tail))
+            raise StudyRunError(f"{what} exited with status {returncode}; log {log}:\n      " + "\n      ".join(tail))
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen) -> None:
+        """A step interrupted with the study: a moment to end on its own (Ctrl-C reaches the whole process group), then killed."""
+        try:
+            proc.wait(timeout=0.25)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _stop_running(self) -> None:
+        with self._procs_lock:
+            procs = list(self._procs)
+        for proc in procs:
+            self._stop(proc)
+
+    @contextmanager
+    def _exclusive(self, out: Path) -> Iterator[None]:
+        """Hold the lock of a shared output folder (a downloaded final model, couplings, latents) while checking for
+        and writing it: concurrent runs built from the same source run write it once, the others then reuse it.
+        flock on a file of its own per folder: it serialises this runner's threads and other study processes alike."""
+        import fcntl
+
+        locks = self.workdir / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{out.parent.name}_{out.name}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _fit(self, run: PlannedRun, extra: list[str], extra_tags: dict[str, str]) -> None:
         self._call(self.fit_argv(run, extra, extra_tags), self._log(f"{run.variant.name}_seed{run.seed}"), "fit")
@@ -307,15 +478,17 @@ class StudyRunner:
 
         dst = self.workdir / "models" / f"{source.variant}_seed{source.seed}_{source.run_id[:12]}"
         path = dst / Path(FINAL_MODEL_ARTIFACT).name  # where MLflow puts a single downloaded file
-        if not path.is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            try:
-                local = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path=FINAL_MODEL_ARTIFACT, dst_path=str(dst),
-                                                            tracking_uri=self.tracking_uri)
-            except Exception as err:  # noqa: BLE001 - any store error is reported with the run it concerns
-                raise StudyRunError(f"could not download {FINAL_MODEL_ARTIFACT} of run {source.run_id} (variant {source.variant}, seed {source.seed}): "
-                                    f"{str(err).splitlines()[0]}") from None
-            path = Path(local)
+        with self._exclusive(dst):
+            if not path.is_file():
+                dst.mkdir(parents=True, exist_ok=True)
+                try:
+                    with self._store_lock:
+                        local = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path=FINAL_MODEL_ARTIFACT,
+                                                                    dst_path=str(dst), tracking_uri=self.tracking_uri)
+                except Exception as err:  # noqa: BLE001 - any store error is reported with the run it concerns
+                    raise StudyRunError(f"could not download {FINAL_MODEL_ARTIFACT} of run {source.run_id} (variant {source.variant}, "
+                                        f"seed {source.seed}): {str(err).splitlines()[0]}") from None
+                path = Path(local)
         return path
 
     def _prepare_dependencies(self, run: PlannedRun, done: dict[tuple[str, int], FinishedRun]) -> tuple[list[str], dict[str, str]]:
@@ -327,12 +500,13 @@ class StudyRunner:
             source = done[(run.variant.couplings_from, run.seed)]
             ckpt = self._final_model(source)
             out = self.workdir / "couplings" / f"{source.variant}_seed{source.seed}_{source.run_id[:12]}"
-            if (out / "manifest.json").is_file():
-                self.echo(f"    couplings of {source.variant} (run {source.run_id[:12]}): reusing {out}")
-            else:
-                t0 = time.time()
-                self._call(self.reflow_argv(run, ckpt, out), self._log(f"reflow_{source.variant}_seed{source.seed}"), "reflow")
-                self.echo(f"    couplings of {source.variant} (run {source.run_id[:12]}) drawn in {time.time() - t0:.0f} s: {out}")
+            with self._exclusive(out):
+                if (out / "manifest.json").is_file():
+                    self._note(run, f"couplings of {source.variant} (run {source.run_id[:12]}): reusing {out}")
+                else:
+                    t0 = time.time()
+                    self._call(self.reflow_argv(run, ckpt, out), self._log(f"reflow_{source.variant}_seed{source.seed}"), "reflow")
+                    self._note(run, f"couplings of {source.variant} (run {source.run_id[:12]}) drawn in {time.time() - t0:.0f} s: {out}")
             args += ["--data.init_args.path", str(out.resolve())]
             tags["couplings_from_run"] = source.run_id
         if run.variant.init_from:
@@ -350,15 +524,17 @@ class StudyRunner:
         """The demo's latent shards written with an autoencoder run's final model (written once, then reused)."""
         out = self.latents_dir(run, source)
         what = f"latents of {source.variant} seed {source.seed} (run {source.run_id[:12]})"
-        if (out / "manifest.json").is_file():
-            self.echo(f"    {what}: reusing {out}")
-            return out
-        ckpt = self._final_model(source)
-        t0 = time.time()
-        self._call(self.prepare_argv(run, ckpt.resolve(), out), self._log(f"prepare_{source.variant}_seed{source.seed}"), f"prepare of the {what}")
-        if not (out / "manifest.json").is_file():
-            raise StudyRunError(f"prepare of the {what} exited normally but wrote no {out / 'manifest.json'}")
-        self.echo(f"    {what} written in {time.time() - t0:.0f} s: {out}")
+        with self._exclusive(out):
+            if (out / "manifest.json").is_file():
+                self._note(run, f"{what}: reusing {out}")
+                return out
+            ckpt = self._final_model(source)
+            t0 = time.time()
+            self._call(self.prepare_argv(run, ckpt.resolve(), out), self._log(f"prepare_{source.variant}_seed{source.seed}"),
+                       f"prepare of the {what}")
+            if not (out / "manifest.json").is_file():
+                raise StudyRunError(f"prepare of the {what} exited normally but wrote no {out / 'manifest.json'}")
+            self._note(run, f"{what} written in {time.time() - t0:.0f} s: {out}")
         return out
 
 
