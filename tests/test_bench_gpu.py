@@ -187,3 +187,20 @@ def test_dry_run_prints_the_table_for_both_models(tmp_path):
         arch = bg.Arch(**result["models"][r["model"]]["arch"])
         assert r["tflops"] == pytest.approx(bg.train_flops(arch, r["batch"]) / (r["step_ms"] / 1000) / 1e12, rel=1e-6)
         assert r["mfu"] == pytest.approx(r["tflops"] / result["peak_tflops"], rel=1e-6)
+
+
+def test_gpu_studies_script_dry_run_prints_both_medium_plans(tmp_path):
+    """benchmarks/gpu_studies.sh (issue #19's medium budgets on one GPU) is unmeasured here: its --cpu-dry-run checks
+    the environment and prints both studies' medium plans with the parallel jobs, training nothing."""
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_studies.sh"), "--cpu-dry-run", "--out", str(tmp_path), "--jobs", "6"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "gpu_studies: CPU DRY RUN" in out
+    for study, fits in (("sd3_formulations_digits", 24), ("fm_vs_vp_digits", 9)):
+        assert f"study {study} " in out and f"budget medium: {fits} fits" in out and f"sqlite:///{tmp_path}/{study}.db" in out
+        assert f"[{fits}/{fits}] {study} " in out
+    assert out.count(", jobs 6") == 2 and "--trainer.max_steps 2000" in out and "--trainer.accelerator auto" in out
+    assert not list(tmp_path.glob("work/**/*.ckpt"))  # nothing trained
+    bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_studies.sh"), "--nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option --nope" in bad.stderr
