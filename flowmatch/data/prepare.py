@@ -1,9 +1,10 @@
 """Images + captions -> latent/caption shards (the format of flowmatch.data.shard_format).
 
-    source (demo | sideways | demo_buckets | image folder | jsonl) -> fixed train / val / test split
+    source (demo | sideways | demo_buckets | scenes | image folder | jsonl) -> fixed train / val / test split
         [-> each image to its aspect-ratio bucket (flowmatch.data.buckets); val / test sorted by bucket]
         -> images (one square size, or fitted to their buckets) -> autoencoder.encode -> float16 latents
         -> original and synthetic captions -> text encoders -> token states, masks, pooled vectors
+           (each distinct caption of a shard encoded once)
         -> webdataset ShardWriter: OUT/{split}-{shard:06d}.tar, ``shard_size`` samples each
     -> OUT/manifest.json (counts, latent shape, normalisation measured on the train split, encoders)
 
@@ -46,7 +47,7 @@ from flowmatch.data.shard_format import (
     shard_name,
     write_manifest,
 )
-from flowmatch.data.sources import BUILT_IN_SOURCES, Record, Source, SourceError, open_source
+from flowmatch.data.sources import BUILT_IN_SOURCES, SCENES, Record, Source, SourceError, open_source
 
 STATE_NAME = ".prepare-state.json"
 
@@ -67,6 +68,7 @@ class PrepareConfig:
     store_encodings: bool = True
     size: int | None = None
     channels: int | None = None
+    num: int | None = None
     shard_size: int = 256
     seed: int = 0
     val_fraction: float = 0.1
@@ -80,7 +82,7 @@ class PrepareConfig:
     bucket_max_ratio: float = 2.0
     small_images: str = "skip"
     batch_size: int = 128
-    text_batch_size: int = 256
+    text_batch_size: int | None = None  # None: the source's (flowmatch.data.sources.Source.text_batch_size)
     device: str = "cpu"
     overwrite: bool = False
     progress: bool = True
@@ -95,6 +97,10 @@ class PrepareConfig:
             out.update({k: getattr(self, k) for k in bucket_keys})  # only then: the settings of older sets stay as they were
             if self.buckets is not None:
                 out["buckets"] = [[int(v) for v in b] for b in self.buckets]  # as JSON gives them back on resume
+        if self.num is not None or self.source == SCENES:  # only then: the settings of older sets stay as they were
+            from flowmatch.data.scenes.source import DEFAULT_NUM
+
+            out["num"] = DEFAULT_NUM if self.num is None else self.num
         if self.source not in BUILT_IN_SOURCES:  # a folder or file: its identity is its absolute path
             out["source"] = str(Path(self.source).resolve())
         ae = Path(self.autoencoder)
@@ -153,7 +159,7 @@ def prepare_shards(cfg: PrepareConfig, log=print) -> dict:
     if run.todo == 0 and (run.out / MANIFEST_NAME).is_file():
         return _finish(run, json.loads((run.out / MANIFEST_NAME).read_text()), log)
     autoencoder = run.autoencoder or _load_autoencoder(cfg, run.source)
-    text = _load_text_encoders(cfg)
+    text = _load_text_encoders(cfg, run.source)
     encode_text = cfg.store_encodings and text is not None
     _write_shards(run, autoencoder, text if encode_text else None)
     manifest = _manifest(run, autoencoder, text, encode_text)
@@ -234,7 +240,7 @@ def _start(cfg: PrepareConfig) -> _Run:
     if cfg.shard_size < 1:
         raise PrepareError(f"shard_size must be >= 1, got {cfg.shard_size}")
     state = _State(out, cfg.fingerprint(), cfg.overwrite)
-    source: Source = open_source(cfg.source, cfg.size, cfg.channels)
+    source: Source = open_source(cfg.source, cfg.size, cfg.channels, cfg.num, cfg.seed)
     splits = source.splits(cfg.seed, cfg.val_fraction, cfg.test_fraction, cfg.limit)
     autoencoder, buckets = None, None
     if cfg.buckets is not None or cfg.bucket_pixels is not None or source.buckets is not None:
@@ -297,11 +303,12 @@ def _load_autoencoder(cfg: PrepareConfig, source: Source):
     return load_autoencoder(ae_spec).to(cfg.device).eval()
 
 
-def _load_text_encoders(cfg: PrepareConfig):
-    """The text encoder stack on cfg.device (None without encoders)."""
+def _load_text_encoders(cfg: PrepareConfig, source: Source):
+    """The text encoder stack on cfg.device (None without encoders); tokens per caption: cfg.max_length, else what the
+    source's captions need (the scenes' long synthetic captions), else each encoder's default."""
     from flowmatch.text.encoders import build_text_encoders
 
-    text = build_text_encoders(cfg.text_encoders or None, cfg.max_length)
+    text = build_text_encoders(cfg.text_encoders or None, cfg.max_length if cfg.max_length is not None else source.max_length)
     return text.to(cfg.device) if text is not None else None
 
 
@@ -378,7 +385,7 @@ def _write_shard(run: _Run, writer, split: str, shard: int, autoencoder, text) -
     else:
         sizes = [run.buckets.sizes[b] for b in run.buckets.index[split][first : first + len(recs)]]
         latents = _encode_bucketed(autoencoder, source, recs, sizes, cfg)
-    encodings = _encode_captions(text, recs, cfg) if text is not None else None
+    encodings = _encode_captions(text, recs, cfg, source) if text is not None else None
     for j, rec in enumerate(recs):
         index = first + j
         meta = {"index": index, "size": list(sizes[j]), "channels": source.channels, "source": rec.source}
@@ -386,6 +393,8 @@ def _write_shard(run: _Run, writer, split: str, shard: int, autoencoder, text) -
             meta["bucket"] = bucket_name(sizes[j])
         if rec.label is not None:
             meta["label"] = rec.label
+        if rec.meta:
+            meta.update(rec.meta)
         enc = None
         if encodings is not None:
             enc = {which: tuple(None if a is None else a[j] for a in arrays) for which, arrays in encodings.items()}
@@ -434,12 +443,18 @@ def _encode_batches(autoencoder, images: np.ndarray, source_name: str, cfg: Prep
     return np.concatenate(parts).astype(np.float16)
 
 
-def _encode_captions(text, recs: list[Record], cfg: PrepareConfig) -> dict:
+def _encode_captions(text, recs: list[Record], cfg: PrepareConfig, source: Source) -> dict:
+    """The encodings of the records' original and synthetic captions. A source that asks for it (the scenes, whose
+    "a red circle" recurs in every shard) has each distinct caption of a shard encoded once."""
     captions = [r.caption for r in recs] + [r.caption_syn for r in recs]
-    enc = text.encode_many(captions, batch_size=cfg.text_batch_size)
+    distinct = list(dict.fromkeys(captions)) if source.encode_distinct_captions else captions
+    where = {c: i for i, c in enumerate(distinct)}
+    take = np.array([where[c] for c in captions], dtype=np.int64) if source.encode_distinct_captions else slice(None)
+    batch = cfg.text_batch_size if cfg.text_batch_size is not None else source.text_batch_size
+    enc = text.encode_many(distinct, batch_size=batch)
     n = len(recs)
-    tokens, mask = enc.tokens.numpy(), enc.mask.numpy()
-    pooled = None if enc.pooled is None else enc.pooled.numpy()
+    tokens, mask = enc.tokens.numpy()[take], enc.mask.numpy()[take]
+    pooled = None if enc.pooled is None else enc.pooled.numpy()[take]
     return {
         "orig": (tokens[:n], mask[:n], None if pooled is None else pooled[:n]),
         "syn": (tokens[n:], mask[n:], None if pooled is None else pooled[n:]),
@@ -490,6 +505,9 @@ def _manifest(run: _Run, autoencoder, text, encode_text) -> dict:
         "shard_size": cfg.shard_size,
         "seed": cfg.seed,
     }
+    source_info = source.manifest_entry()
+    if source_info is not None:  # a generated source (the scenes): what it drew
+        manifest["source_info"] = source_info
     if run.buckets is not None:
         b = run.buckets
         manifest["buckets"] = {

@@ -10,13 +10,20 @@ KEY.caption.txt     the original caption (UTF-8)
 KEY.caption_syn.txt the synthetic caption (UTF-8)
 KEY.json            {"index": position in the split, "size": [H, W], "channels": image channels,
                     "source": where the image came from, "label": int (optional),
-                    "bucket": "HxW" (only in a set with aspect-ratio buckets)}
+                    "bucket": "HxW" (only in a set with aspect-ratio buckets),
+                    "scene": the scene graph (only from prepare --source scenes:
+                    flowmatch.data.scenes.graph.Scene.to_dict; read it with
+                    flowmatch.data.scenes.source.scene_of)}
 KEY.tokens.npy      float16 (n_orig + n_syn, D): token states of the real tokens of the original
                     caption, then of the synthetic one                          (only when the
 KEY.mask.npy        bool (2, L): row 0 original, row 1 synthetic; True where     shards hold
                     a real token sits in the padded sequence                    text encodings)
 KEY.pooled.npy      float16 (2, P): pooled vectors of the original and the synthetic caption
 ==================  ===========================================================================
+
+Optional fields of KEY.json are optional for the reader too: a sample without "label", "bucket" or "scene" (every
+sample written before the field existed) decodes as before, with None for it. Adding one is backward compatible in
+both directions (an older reader ignores a json field it does not know), so it needs no new format version.
 
 Only the real token states are stored; a reader scatters them into zeros (L, D) at the mask's
 True positions (the padded positions are masked out by the network anyway). Seven files per
@@ -191,8 +198,11 @@ class SampleSpec:
             raise ShardFormatError(f"{where}: unreadable caption or json ({err})") from err
         if self.bucket_shapes is not None:
             self._check_bucket(where, latent, meta)
+        scene = meta.get("scene")
+        if scene is not None and not isinstance(scene, dict):
+            raise ShardFormatError(f"{where}: the json's scene must be an object (a scene graph), got {type(scene).__name__}")
         out = {"key": key, "url": url, "latent": latent, "caption": caption, "caption_syn": caption_syn,
-               "index": int(meta.get("index", -1)), "label": meta.get("label"), "meta": meta}
+               "index": int(meta.get("index", -1)), "label": meta.get("label"), "scene": scene, "meta": meta}
         if self.encodings:
             mask = load_npy(raw[MASK], f"{where}: {MASK}")
             tokens = load_npy(raw[TOKENS], f"{where}: {TOKENS}")

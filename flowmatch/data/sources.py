@@ -10,6 +10,9 @@ label, where the image came from) and loads the images of any slice of it on dem
   own captions and turned 90 degrees with captions using a new word ("a sideways 7"), on the demo's split.
 - ``demo_buckets``: the aspect-ratio buckets demo (flowmatch.data.placed_digits): every demo digit on a square,
   wide or tall canvas, its place in the synthetic caption ("a 3 on the left of a wide picture"); its own buckets.
+- ``scenes``: procedural RGB scenes of 1-4 coloured shapes (flowmatch.data.scenes.source, docs/scenes.md), ``num``
+  of them drawn with ``seed``; original caption "a red circle", synthetic caption from the scene graph, label the
+  number of objects, and the scene graph itself in every sample's json (field "scene").
 - a folder: every .png / .jpg / .jpeg / .bmp / .webp below it (sorted); the caption is in a
   sidecar ``NAME.txt`` (else the file name, underscores as spaces), the synthetic caption in
   ``NAME.syn.txt`` (else the original caption is used for both: the sample then takes no part in mixing).
@@ -49,6 +52,8 @@ class Record:
     source: str  # file path, or "sklearn-digits:INDEX"
     label: int | None = None
     has_synthetic: bool = True
+    #: more fields for the sample's json (the scenes' "scene" graph); None: none
+    meta: dict | None = None
 
 
 class Source:
@@ -60,9 +65,20 @@ class Source:
     records: list[Record]
     #: the buckets prepare uses unless told others (None: one square size, ``size``)
     buckets: list[Bucket] | None = None
+    #: tokens per caption its captions need, prepare's default when --max_length is not given (None: the encoders' own)
+    max_length: int | None = None
+    #: captions per text-encoder batch when --text_batch_size is not given, and whether each distinct caption of a shard
+    #: is encoded once (both change which captions share a batch, so the stored encodings by float rounding: the older
+    #: sources keep 256 and every caption, and so write the bytes they always wrote)
+    text_batch_size: int = 256
+    encode_distinct_captions: bool = False
 
     def load_images(self, records: list[Record]) -> np.ndarray:
         raise NotImplementedError
+
+    def manifest_entry(self) -> dict | None:
+        """What the manifest records about a generated source (its "source_info"); None for the others."""
+        return None
 
     def image_size(self, record: Record) -> tuple[int, int]:
         """(H, W) of the record's image as :meth:`load_native` gives it (decides its bucket before any image is loaded)."""
@@ -261,12 +277,25 @@ class JsonlSource(_FileSource):
             raise SourceError(f"{path} holds no records")
 
 
+#: the procedural scenes' name (flowmatch.data.scenes.source.NAME; imported only when they are asked for)
+SCENES = "scenes"
 #: the sources built into flowmatch, named by a word rather than a path
-BUILT_IN_SOURCES = ("demo", "sideways", placed_digits.NAME)
+BUILT_IN_SOURCES = ("demo", "sideways", placed_digits.NAME, SCENES)
 
 
-def open_source(source: str, size: int | None = None, channels: int | None = None) -> Source:
-    """``demo``, ``sideways``, ``demo_buckets``, a folder of images, or a .jsonl file (see the module docstring)."""
+def open_source(source: str, size: int | None = None, channels: int | None = None, num: int | None = None, seed: int = 0) -> Source:
+    """``demo``, ``sideways``, ``demo_buckets``, ``scenes``, a folder of images, or a .jsonl file (see the module docstring).
+
+    ``num`` (the number of scenes) and ``seed`` (the scenes' seed) are for the scenes, which are drawn, not read."""
+    if source == SCENES:
+        if channels not in (None, 3):
+            raise SourceError(f"--channels {channels}: the scenes are RGB (--channels 3)")
+        from flowmatch.data.scenes.source import SceneSource
+
+        return SceneSource(size, num, seed)
+    if num is not None:
+        raise SourceError(f"--num {num} sets how many scenes the {SCENES!r} source draws; source {source!r} has its own images "
+                          f"(--limit N takes a subset of them)")
     if source == "demo":
         if channels not in (None, 1):
             raise SourceError("the demo digits have 1 channel (--channels 1)")

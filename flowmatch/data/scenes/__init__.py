@@ -11,6 +11,7 @@ makes no mistakes on the data itself (docs/scenes.md).
 - flowmatch.data.scenes.shape_classifier: the small learned shape reader, trained on rendered shapes
 - flowmatch.data.scenes.geneval: the evaluation prompts and their scoring
 - flowmatch.data.scenes.report: the measurements of docs/scenes.md (``python -m flowmatch.data.scenes.report``)
+- flowmatch.data.scenes.source: the scenes as a data source (``prepare --source scenes``) and as images for the autoencoder
 """
 
 from flowmatch.data.scenes.captions import Claims, original_caption, parse_prompt, synthetic_caption
