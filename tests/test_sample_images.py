@@ -233,7 +233,7 @@ def test_two_d_models_still_sample_points(toy_ckpt, tmp_path):
 @pytest.mark.parametrize(
     "which, args, message",
     [
-        ("text", ["--prompts", "a 7", "--solver", "rk4"], "unknown solver 'rk4'; valid solvers: euler, heun, midpoint, dopri5"),
+        ("text", ["--prompts", "a 7", "--solver", "rk4"], "unknown solver 'rk4'; valid solvers: euler, heun, midpoint, ddim, dopri5"),
         ("text", ["--prompts", "a 7", "--steps", "0"], "steps must be an integer >= 1, got 0"),
         ("text", ["--prompts", "a 7", "--steps", "-3"], "steps must be an integer >= 1, got -3"),
         ("text", ["--prompts", "a 7", "--guidance", "-1"], "--guidance must be a finite number >= 0"),

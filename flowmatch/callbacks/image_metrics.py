@@ -54,12 +54,13 @@ def digit_captions(num_classes: int = 10) -> list[str]:
     return [original_caption(k) for k in range(num_classes)]
 
 
-def latent_data(datamodule):
+def latent_data(datamodule, user: str = "ImageSampleMetrics"):
     """The latent/caption data module whose held-out split the metrics compare with: the data module itself,
-    or, for text couplings (reflow), the latent/caption data the couplings were drawn from."""
+    or, for text couplings (reflow), the latent/caption data the couplings were drawn from (``user``: the callback
+    named in the error for other data)."""
     data = getattr(datamodule, "latent_data", datamodule)
     if facts_of(data) is None:
-        raise RuntimeError("ImageSampleMetrics needs latent/caption data (a LatentShardDataModule, or text couplings with "
+        raise RuntimeError(f"{user} needs latent/caption data (a LatentShardDataModule, or text couplings with "
                            f"their reference data), got {type(datamodule).__name__}")
     return data
 

@@ -1,4 +1,4 @@
-"""Pictures of samples: 2-D scatter panels rendered to an RGB array (for MLflow images and PNG files)."""
+"""Pictures of samples: 2-D scatter panels, image grids and captioned image grids rendered to an RGB array (for MLflow images and PNG files)."""
 
 import io
 
@@ -44,3 +44,42 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np
         top, left = pad + r * (h + pad), pad + col * (w + pad)
         grid[top : top + h, left : left + w] = pixels[i].transpose(1, 2, 0)
     return grid
+
+
+def labelled_grid(cells: list[list[np.ndarray]], titles: list[list[str]], caption: str = "", row_labels: list[str] | None = None,
+                  cell_inches: float = 0.55, wrap: int = 30) -> np.ndarray:
+    """A grid of uint8 RGB pictures (``cells[row][col]``, each H x W x 3 of any size) with a title over each (wrapped at
+    ``wrap`` characters), a label per row and a caption on top, rendered to an RGB uint8 array (pixels drawn unsmoothed)."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrows, ncols = len(cells), max(len(r) for r in cells)
+    aspect = max(c.shape[1] / c.shape[0] for r in cells for c in r)  # width / height of the widest picture
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell_inches * aspect * 1.6 + 0.6, nrows * cell_inches * 1.6 * 1.45 + 0.4),
+                             squeeze=False)
+    for i, row in enumerate(axes):
+        for j, ax in enumerate(row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(cells[i]):
+                ax.axis("off")
+                continue
+            ax.imshow(cells[i][j], interpolation="nearest")
+            ax.set_title(textwrap.fill(titles[i][j], wrap), fontsize=6)
+            for side in ax.spines.values():
+                side.set_visible(False)
+        if row_labels:
+            row[0].set_ylabel(row_labels[i], fontsize=7)
+    if caption:
+        fig.suptitle(caption, fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))

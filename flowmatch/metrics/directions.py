@@ -20,6 +20,9 @@ DIRECTIONS: dict[str, str | None] = {
     "fd_real": None,  # the real-vs-real floor: a property of the data, not of the model
     "caption_acc": HIGHER, "caption_acc_syn": HIGHER, "placement_acc": HIGHER,
     "caption_acc_syn_real": None,  # the judge on real pictures: the ceiling, not the model
+    # the GenEval-style score on the procedural scenes (flowmatch.callbacks.scene_eval): geneval_<sampler>,
+    # geneval_<category>_<sampler>; geneval_real[_<category>] is the ceiling (renders through the latent space)
+    "geneval": HIGHER, "geneval_real": None,
     # cost: fewer network evaluations per sample for the same quality is better
     "nfe": LOWER,
     # rectified flow's straightness (flowmatch.callbacks.straightness): 0 / 1 for straight paths
