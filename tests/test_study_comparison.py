@@ -265,3 +265,26 @@ def test_the_digit_formulation_studies_plan_real_configs(name, kind):
     metrics += study.report.get("curves", []) + study.report["headline"]
     for metric in metrics:
         assert metric.split("/", 1)[1].split("_", 2)[-1] in names or metric.rsplit("_", 1)[-1] in names, metric
+
+
+def test_ranking_section_on_metrics_of_both_directions(tmp_path):
+    """A `kind: ranking` report on FD (lower is better) and caption adherence (higher is better): ranks follow each
+    column's direction, the text says so, and the values plot has one panel per column (<study>_metrics.png)."""
+    from flowmatch.studies.results import ranking_section
+
+    report = {"kind": "ranking", "title": "R",
+              "columns": [{"metric": "val/fd_ratio_euler5", "label": "FD", "paper": "5 steps"},
+                          {"metric": "val/caption_acc_euler5", "label": "captions", "paper": "5 steps", "higher": True}],
+              "paper": {"ranks": {"a": {"all": 1.0, "5 steps": 1.0}, "b": {"all": 2.0, "5 steps": 2.0}, "ae": {"all": 3.0, "5 steps": 3.0}}}}
+    study = _study(tmp_path, report)
+    runs = {}
+    for v, fd, acc in (("a", 1.0, 0.9), ("b", 2.0, 0.5), ("ae", 3.0, 0.95)):  # a best FD, ae best captions
+        for s in range(2):
+            runs[(v, s)] = RunRecord(f"{v}{s}", v, s, {"val/fd_ratio_euler5": fd + 0.1 * s, "val/caption_acc_euler5": acc}, {}, 1.0)
+    sec = ranking_section(study, runs, tmp_path, "results")
+    body = "\n".join(sec.body)
+    assert "the highest where higher is better" in body and "lowest W2" not in body
+    assert "| A | 1.00 | 1.00 ± 0 | 1.00 | 2.00 ± 0 |" in body, body   # a: first in FD, second in captions
+    assert "| AE | 3.00 | 3.00 ± 0 | 3.00 | 1.00 ± 0 |" in body, body  # ae: last in FD, first in captions
+    assert sorted(p.name for p in sec.pngs) == ["cmp_metrics.png", "cmp_ranks.png"]
+    assert all(p.stat().st_size > 5000 for p in sec.pngs)

@@ -76,26 +76,46 @@ def _band(ax, runs: Runs, variant: str, metric: str, color, label: str) -> None:
 # --- the figures of each analysis -----------------------------------------------------------------------------
 def ranking_plots(study: Study, runs: Runs, seeds: list[int], variants: list[str], columns: list[dict],
                   ranks: dict[str, dict[str, list[float]]], paper_ranks: dict[str, dict[str, float]], out_dir: Path) -> list[Path]:
-    """<study>_w2.png (each column's metric per variant, in SD3's order) and <study>_ranks.png (our ranks against SD3's)."""
+    """<study>_w2.png (each column's metric per variant, in SD3's order; W2 columns share one panel) or, for other
+    metrics, <study>_metrics.png (one panel per column, which way is better in its title), and <study>_ranks.png (our
+    ranks against SD3's)."""
     plt = pyplot()
     order = sorted(variants, key=lambda v: paper_ranks.get(v, {}).get("all", math.inf))
     labels = [study.label(v) for v in order]
-    fig, ax = plt.subplots(figsize=(10, 4.2))
-    width = 0.8 / max(len(columns), 1)
     x = np.arange(len(order))
-    for j, col in enumerate(columns):
-        ms = [mean_std([runs[(v, s)].metrics[col["metric"]] for s in seeds]) for v in order]
-        ax.bar(x + (j - (len(columns) - 1) / 2) * width, _means(ms), width, yerr=_spreads(ms),
-               color=series_color(j), capsize=3, label=f"{col['label']} ({col['metric']})")
-        for i, v in enumerate(order):
-            ax.scatter([x[i] + (j - (len(columns) - 1) / 2) * width] * len(seeds), [runs[(v, s)].metrics[col["metric"]] for s in seeds],
-                       s=8, color="black", zorder=3)
-    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("W2 to held-out data (lower is better)")
-    ax.set_title(f"{study.name}: final W2 per variant, mean ± std over {len(seeds)} seeds (dots: seeds); SD3's order left to right")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    p1 = _save(fig, study, "w2", out_dir)
+    if all(c["metric"].startswith("val/w2") for c in columns):
+        fig, ax = plt.subplots(figsize=(10, 4.2))
+        width = 0.8 / max(len(columns), 1)
+        for j, col in enumerate(columns):
+            ms = [mean_std([runs[(v, s)].metrics[col["metric"]] for s in seeds]) for v in order]
+            ax.bar(x + (j - (len(columns) - 1) / 2) * width, _means(ms), width, yerr=_spreads(ms),
+                   color=series_color(j), capsize=3, label=f"{col['label']} ({col['metric']})")
+            for i, v in enumerate(order):
+                ax.scatter([x[i] + (j - (len(columns) - 1) / 2) * width] * len(seeds), [runs[(v, s)].metrics[col["metric"]] for s in seeds],
+                           s=8, color="black", zorder=3)
+        ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("W2 to held-out data (lower is better)")
+        ax.set_title(f"{study.name}: final W2 per variant, mean ± std over {len(seeds)} seeds (dots: seeds); SD3's order left to right")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+        p1 = _save(fig, study, "w2", out_dir)
+    else:  # metrics of different scales and directions (FD / floor, caption adherence): a panel each
+        ncols = min(4, len(columns))
+        nrows = -(-len(columns) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
+        for ax, col in zip(axes.flat, columns):
+            ms = [mean_std([runs[(v, s)].metrics[col["metric"]] for s in seeds]) for v in order]
+            ax.bar(x, _means(ms), 0.7, yerr=_spreads(ms), color=[series_color(i) for i in range(len(order))], capsize=3)
+            for i, v in enumerate(order):
+                ax.scatter([x[i]] * len(seeds), [runs[(v, s)].metrics[col["metric"]] for s in seeds], s=8, color="black", zorder=3)
+            ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=7)
+            _column_axis(ax, col)
+            ax.grid(axis="y", alpha=0.3)
+        for ax in list(axes.flat)[len(columns):]:
+            ax.set_visible(False)
+        fig.suptitle(f"{study.name}: final metrics per variant, mean ± std over {len(seeds)} seeds (dots: seeds); SD3's order left to right")
+        fig.tight_layout()
+        p1 = _save(fig, study, "metrics", out_dir)
 
     fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 4.4), squeeze=False)
     for ax, col in zip(axes[0], columns):

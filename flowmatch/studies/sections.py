@@ -30,6 +30,13 @@ from flowmatch.studies.spec import Study
 from flowmatch.studies.statistics import W2_KEY, complete_seeds, mean_std, metric_values, runs_per_variant, sampler_order, seeds_of, variants_of
 
 
+def _best_phrase(columns: list[dict]) -> str:
+    """What "best" means for a ranking's columns: "lowest W2" for the point studies, else per column's direction."""
+    if all(c["metric"].startswith("val/w2") for c in columns):
+        return "lowest W2"
+    return "the lowest value of a column marked lower-is-better, the highest where higher is better"
+
+
 def _paper_rank(table: dict, variant: str, column: str) -> str:
     value = table.get(variant, {}).get(column)
     return "—" if value is None else f"{value:.2f}"
@@ -81,7 +88,7 @@ def _rank_tables(sec: Section, study: Study, runs: Runs, variants: list[str], se
     order = sorted(variants, key=lambda v: paper_ranks.get(v, {}).get("all", math.inf))
     sec.body.append(f"Ranks over the {plural(len(seeds), 'seed')} that have every variant ({', '.join(map(str, seeds))})"
                     + (f"; seeds {', '.join(map(str, incomplete))} are incomplete and left out" if incomplete else "")
-                    + ". Per seed the variants are ranked 1 (best, lowest W2) to " + str(len(variants))
+                    + ". Per seed the variants are ranked 1 (best, " + _best_phrase(columns) + ") to " + str(len(variants))
                     + "; the table gives the mean rank ± std over seeds beside SD3's average rank (SD3 ranked many more "
                     "variants, so its numbers run higher; compare the order). \"all\" averages our columns' ranks per seed.\n")
     header = ["variant"]
