@@ -25,10 +25,10 @@ SLOW = {
                  "test_bad_checkpoint_paths_are_reported"},
     "test_study": {"test_a_real_study_runs_resumes_and_is_written_up"},
     "test_study_comparison": {"test_a_study_keeps_a_diverged_fit_as_its_result"},
-    "test_study_jobs": {"test_a_parallel_study_through_the_cli_with_mlflow"},
+    "test_study_jobs": {"test_a_parallel_study_through_the_cli_with_mlflow"},  # three MLflow-writing processes: 19-27 s on 2 busy cores
     # a tiny MM-DiT fitted on prepared scenes, then every prompt through validate: ~17 s on 2 busy cores
     "test_scene_eval": {"test_the_callback_logs_every_category_and_sampler_in_0_1", "test_an_oracle_scores_one_and_noise_scores_zero"},
-    "test_bench_gpu": {"test_gpu_studies_script_dry_run_prints_both_medium_plans"},  # two study processes: 12-55 s  # three MLflow-writing processes: 19-27 s on 2 busy cores
+    "test_bench_gpu": {"test_gpu_studies_script_dry_run_prints_both_medium_plans"},  # two study processes: 12-55 s
     "test_import_sd3_cli": {"test_import_load_compare_and_finetune"},
     "test_bucket_stream": {"test_a_finished_fit_extended_equals_the_uninterrupted_fit", "test_fit_resumed_mid_pass_ends_at_the_same_weights",
                            "test_test_reports_every_bucket_and_the_judge_reads_real_pictures"},
