@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from flowmatch.data.scenes.captions import original_caption, synthetic_caption
 from flowmatch.data.scenes.graph import Scene
 from flowmatch.data.scenes.render import MAX_OBJECTS, MIN_OBJECTS, check_image_size, make_scenes
-from flowmatch.data.sources import Record, Source, SourceError
+from flowmatch.data.source_base import Record, Source, SourceError
 
 #: the built-in source's name (flowmatch.data.sources.open_source)
 NAME = "scenes"
