@@ -15,11 +15,12 @@
 
 from __future__ import annotations
 
-import lightning
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from flowmatch.data.image_splits import SplitImageDataModule
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "val", "test")
@@ -159,7 +160,7 @@ def describe_digits(images: np.ndarray, labels: np.ndarray | None = None) -> lis
 # ---------------------------------------------------------------------------------------------
 
 
-class DigitsImageDataModule(lightning.LightningDataModule):
+class DigitsImageDataModule(SplitImageDataModule):
     """The upscaled digits as images: batches ``{"x0": float32 (B, 1, size, size) in [-1, 1], "label": int64 (B,)}``.
 
     The splits are those ``prepare --source demo`` writes (same seed and fractions), so an
@@ -196,19 +197,9 @@ class DigitsImageDataModule(lightning.LightningDataModule):
         idx = split_indices(len(self._labels), self.seed, self.val_fraction, self.test_fraction)[split]
         return TensorDataset(torch.from_numpy(self._images[idx]), torch.from_numpy(self._labels[idx]))
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self._split(split), batch_size=self.batch_size, shuffle=shuffle, generator=gen,
-                          num_workers=self.num_workers, collate_fn=_collate_images)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+    @staticmethod
+    def _collate(items) -> dict:
+        return _collate_images(items)
 
     def reference_images(self, n: int, split: str = "val") -> torch.Tensor:
         """The first ``n`` images of a split (float32 (n, 1, size, size) in [-1, 1])."""

@@ -21,11 +21,11 @@ the held-out scenes of the flow model.
 
 from __future__ import annotations
 
-import lightning
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from flowmatch.data.image_splits import SplitImageDataModule
 from flowmatch.data.scenes.captions import original_caption, synthetic_caption
 from flowmatch.data.scenes.graph import Scene
 from flowmatch.data.scenes.render import MAX_OBJECTS, MIN_OBJECTS, check_image_size, make_scenes
@@ -122,7 +122,7 @@ def scene_of(sample: dict) -> Scene:
     return Scene.from_dict(scene)
 
 
-class ScenesImageDataModule(lightning.LightningDataModule):
+class ScenesImageDataModule(SplitImageDataModule):
     """The scenes as images: batches ``{"x0": float32 (B, 3, size, size) in [-1, 1], "label": int64 (B,)}`` (label: the
     number of objects), for training the autoencoder (configs/autoencoder/ae_scenes_d16.yaml).
 
@@ -163,19 +163,9 @@ class ScenesImageDataModule(lightning.LightningDataModule):
                                              torch.tensor([r.label for r in recs], dtype=torch.int64)) for s, recs in parts.items()}
         return self._splits[split]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self._split(split), batch_size=self.batch_size, shuffle=shuffle, generator=gen,
-                          num_workers=self.num_workers, collate_fn=_collate_images)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+    @staticmethod
+    def _collate(items) -> dict:
+        return _collate_images(items)
 
     def reference_images(self, n: int, split: str = "val") -> torch.Tensor:
         """The first ``n`` images of a split (float32 (n, 3, size, size) in [-1, 1])."""
