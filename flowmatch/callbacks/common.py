@@ -1,5 +1,6 @@
 """Helpers the sample callbacks share: reference data from the data module and model samples."""
 
+import dataclasses
 from contextlib import nullcontext
 
 import torch
@@ -53,3 +54,14 @@ def generate(pl_module, num: int, sampler: SamplerConfig, cond, seed: int) -> tu
         cond = cond.to(pl_module.device)
     x, nfe = pl_module.generate(num, sampler, cond=cond, seed=seed)
     return x.float().cpu(), nfe
+
+
+def generate_as_trained(pl_module, num: int, sampler: SamplerConfig, cond, seed: int, shape) -> tuple[torch.Tensor, int]:
+    """A callback's samples at ``shape``: the model's training time shift at that size unless the spec sets one
+    (flowmatch.time_shift.sampling_shift, as `sample` does), in the run's sampling precision (:func:`sampling_precision`)."""
+    from flowmatch.time_shift import sampling_shift
+
+    if sampler.shift == 1.0 and getattr(pl_module, "time_shift", None) is not None:
+        sampler = dataclasses.replace(sampler, shift=sampling_shift(pl_module.time_shift, shape))
+    with sampling_precision(pl_module.trainer, sampler):
+        return pl_module.generate(num, sampler, cond=cond, seed=seed, shape=shape)

@@ -32,18 +32,16 @@ float32, whose step-size control bf16 rounding would defeat (flowmatch.callbacks
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import lightning as L
 import torch
 
-from flowmatch.callbacks.common import parse_samplers, sampling_precision
+from flowmatch.callbacks.common import generate_as_trained, parse_samplers, sampling_precision
 from flowmatch.callbacks.plots import image_grid
 from flowmatch.data.facts import facts_of
 from flowmatch.metrics.directions import arrow
 from flowmatch.data.reference import reference_batch, reference_buckets
-from flowmatch.time_shift import sampling_shift
 from flowmatch.tracking import log_image_to_loggers
 
 
@@ -192,10 +190,7 @@ class ImageSampleMetrics(L.Callback):
 
     def _generate(self, pl_module, num: int, sampler, cond: dict, shape) -> tuple[torch.Tensor, int]:
         """Images' latents at ``shape`` (the training time shift at that size unless the spec sets one)."""
-        if sampler.shift == 1.0 and getattr(pl_module, "time_shift", None) is not None:
-            sampler = dataclasses.replace(sampler, shift=sampling_shift(pl_module.time_shift, shape))
-        with sampling_precision(pl_module.trainer, sampler):
-            return pl_module.generate(num, sampler, cond=cond, seed=self.seed, shape=shape)
+        return generate_as_trained(pl_module, num, sampler, cond, self.seed, shape)
 
     def _evaluate_buckets(self, trainer, pl_module, stage: str, samplers, ref: dict) -> None:
         facts = latent_data(trainer.datamodule).facts

@@ -27,7 +27,6 @@ file lock so concurrent fits train it once.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import time
 from pathlib import Path
@@ -36,14 +35,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from flowmatch.callbacks.common import parse_samplers, sampling_precision
+from flowmatch.callbacks.common import generate_as_trained, parse_samplers
 from flowmatch.callbacks.image_metrics import _uses_ema, latent_data
 from flowmatch.callbacks.plots import labelled_grid
 from flowmatch.data.scenes.geneval import CATEGORIES, EvalPrompt, evaluation_prompts, judge, scene_for_prompt, score
 from flowmatch.data.scenes.render import render
 from flowmatch.data.scenes.source import to_float, to_uint8
 from flowmatch.metrics.directions import arrow
-from flowmatch.time_shift import sampling_shift
 from flowmatch.tracking import log_image_to_loggers
 
 #: where the shape reader is cached unless the config says otherwise (relative to the working directory)
@@ -190,7 +188,8 @@ class SceneGenEval(L.Callback):
         if facts.location not in self._cond:
             texts = list(dict.fromkeys(p.text for p in self.prompts))
             encoded = facts.encode(texts)
-            where = torch.tensor([texts.index(p.text) for p in self.prompts])
+            index = {t: i for i, t in enumerate(texts)}
+            where = torch.tensor([index[p.text] for p in self.prompts])
             self._cond[facts.location] = {k: v[where] for k, v in encoded.items() if v is not None}
         return self._cond[facts.location]
 
@@ -207,10 +206,7 @@ class SceneGenEval(L.Callback):
     # ---- the evaluation ----
     def generate(self, trainer, pl_module, sampler, cond: dict) -> tuple[torch.Tensor, int]:
         """Latents for every prompt (the model's training time shift at its size unless the spec sets one)."""
-        if sampler.shift == 1.0 and getattr(pl_module, "time_shift", None) is not None:
-            sampler = dataclasses.replace(sampler, shift=sampling_shift(pl_module.time_shift, pl_module.sample_shape))
-        with sampling_precision(trainer, sampler):
-            return pl_module.generate(len(self.prompts), sampler, cond=cond, seed=self.seed)
+        return generate_as_trained(pl_module, len(self.prompts), sampler, cond, self.seed, pl_module.sample_shape)
 
     def _evaluate(self, trainer, pl_module, stage: str, samplers) -> None:
         if trainer.sanity_checking:
